@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (GPTQ protocol) and zero-shot accuracy (lm-evaluation-harness)."""

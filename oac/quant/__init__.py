@@ -1,0 +1,1 @@
+"""Quantizer grid and bit accounting shared by every solver."""

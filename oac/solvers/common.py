@@ -1,0 +1,117 @@
+"""Shared solver machinery: result type, input checks, Hessian preparation (METHODS.md A3)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from oac.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class HessianError(ValueError):
+    """A Hessian (or weight) that no solver can use: non-finite, or not factorisable after retries."""
+
+
+@dataclass
+class SolveResult:
+    """What every solver returns.
+
+    ``weight`` is the dequantized ("fake-quantized") matrix in fp32, same shape as the input.
+    ``stats`` holds scalar diagnostics and bit-accounting ingredients (all plain Python numbers).
+    ``masks`` holds optional boolean/int tensors worth saving (outlier mask, salient mask, codes).
+    """
+
+    weight: Tensor
+    stats: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)
+
+
+def check_finite(W: Tensor, H: Tensor | None, name: str = "layer") -> None:
+    if not torch.isfinite(W).all():
+        raise HessianError(f"{name}: weight contains NaN/Inf; refusing to quantize")
+    if H is not None:
+        if H.shape[0] != H.shape[1] or H.shape[0] != W.shape[1]:
+            raise HessianError(f"{name}: Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}")
+        if not torch.isfinite(H).all():
+            raise HessianError(f"{name}: Hessian contains NaN/Inf (overflowed calibration statistics?)")
+
+
+def layer_objective(W: Tensor, Wq: Tensor, H: Tensor) -> float:
+    """tr(ΔW H ΔWᵀ): the quadratic layer objective that all GPTQ-family solvers minimise."""
+    D = (W.float() - Wq.float())
+    return float(torch.einsum("ij,jk,ik->", D, H.float(), D))
+
+
+def inverse_cholesky(
+    H: Tensor,
+    percdamp: float,
+    *,
+    order: str = "dead_then_damp",
+    retry_mode: str = "add",
+    retry_step: float = 0.01,
+    retry_factor: float = 10.0,
+    max_percdamp: float = 10.0,
+) -> tuple[Tensor, Tensor, dict]:
+    """Dead-column fix, relative damping and upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU).
+
+    ``order`` replicates the references: GPTQ/BiLLM fix dead columns first and damp with
+    mean(diag H) (including the 1's of dead columns); SpQR damps first with mean(|diag H|) of the raw
+    diagonal, then overwrites dead diagonal entries with 1.
+
+    When a factorisation fails the damping is raised (``retry_mode`` ``add``: +retry_step, the
+    project default of METHODS.md A3; ``multiply``: ×retry_factor) until it succeeds or passes
+    ``max_percdamp``. Returns (U, dead mask, info) with info = {percdamp_used, damp_retries}.
+    """
+    if order not in ("dead_then_damp", "damp_then_dead"):
+        raise ValueError(f"unknown damping order {order!r}")
+    if not torch.isfinite(H).all():
+        raise HessianError("Hessian contains NaN/Inf")
+    H = H.float().clone()
+    diag = H.diagonal()
+    dead = diag == 0
+    if order == "dead_then_damp":
+        H[dead, dead] = 1.0
+        mean_diag = float(H.diagonal().mean())
+    else:
+        mean_diag = float(H.diagonal().abs().mean())
+    if mean_diag == 0:
+        mean_diag = 1.0  # all-dead Hessian: the identity after the dead fix
+    p, retries = float(percdamp), 0
+    while True:
+        Hd = H.clone()
+        Hd.diagonal().add_(p * mean_diag)
+        if order == "damp_then_dead":
+            Hd[dead, dead] = 1.0
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info2) == 0 and torch.isfinite(U).all():
+                if retries:
+                    log.warning("Cholesky needed %d damping retries; percdamp %.4g -> %.4g", retries, percdamp, p)
+                return U, dead, {"percdamp_used": p, "damp_retries": retries}
+        retries += 1
+        p = p + retry_step if retry_mode == "add" else (p * retry_factor if p > 0 else retry_step)
+        if p > max_percdamp:
+            raise HessianError(
+                f"Hessian is not positive definite even with percdamp={p:.4g} > max_percdamp={max_percdamp}"
+            )
+
+
+def validate_uniform_config(wbits: int, groupsize: int, shape: tuple[int, int], method: str = "solver") -> None:
+    """Shared RTN/GPTQ checks: 1 <= wbits <= 8, groupsize -1 or a positive divisor of d_in (METHODS.md A1)."""
+    if isinstance(wbits, bool) or not isinstance(wbits, int) or not 1 <= wbits <= 8:
+        raise ConfigError(f"{method}: wbits must be an integer in 1..8, got {wbits!r}")
+    d_in = int(shape[1])
+    if isinstance(groupsize, bool) or not isinstance(groupsize, int):
+        raise ConfigError(f"{method}: groupsize must be an integer (-1 for per-channel), got {groupsize!r}")
+    if groupsize != -1 and (groupsize <= 0 or d_in % groupsize != 0):
+        raise ConfigError(
+            f"{method}: groupsize={groupsize} must be -1 or a positive divisor of d_in={d_in} "
+            f"(layer shape {tuple(int(s) for s in shape)})"
+        )

@@ -1,0 +1,71 @@
+"""Shared fixtures: where the shared assets are, tiny models, and composing the real Hydra configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("OAC_SHARED", ROOT.parent / "shared")).resolve()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "data").exists():
+        pytest.skip(f"shared assets not found at {SHARED} (set OAC_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def data_dir(shared_dir) -> Path:
+    return shared_dir / "data"
+
+
+@pytest.fixture(scope="session")
+def stories(shared_dir):
+    """(model, tokenizer) of the real stories260K checkpoint, fp32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = shared_dir / "models" / "stories260K"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def tiny_llama(seed: int = 0, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_opt(seed: int = 0, **kw):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
+                    max_position_embeddings=128, word_embed_proj_dim=32, **kw)
+    return OPTForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def compose(tmp_path, shared_dir):
+    """Compose the real configs with overrides (Hydra Compose API), outputs and caches under tmp_path."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            return hcompose(config_name="config", overrides=[
+                f"paths.shared_dir={shared_dir}", f"paths.cache_dir={ROOT / '.cache'}",
+                f"paths.output_dir={tmp_path}", *overrides])
+
+    return _compose
