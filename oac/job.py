@@ -71,7 +71,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.zeroshot.tasks:
         from oac.eval import zeroshot
 
-        zeroshot.check_tasks(list(cfg.eval.zeroshot.tasks), data_dir=cfg.paths.data_dir, mode=cfg.eval.zeroshot.mode)
+        zeroshot.resolve_modes(zeroshot.resolve_tasks(list(cfg.eval.zeroshot.tasks)), cfg.eval.zeroshot.mode,
+                               cfg.paths.data_dir)
 
 
 def validate_shapes(adapter: Adapter, scfg) -> None:
@@ -219,7 +220,7 @@ def _evaluate(cfg, model, tok, device, result) -> None:
             model, tok, list(zcfg.tasks), data_dir=cfg.paths.data_dir, mode=zcfg.mode, num_fewshot=zcfg.num_fewshot,
             limit=zcfg.limit, batch_size=zcfg.batch_size, add_bos_token=zcfg.add_bos_token,
             max_length=zcfg.max_length or cfg.model.seqlen,
-            work_dir=os.path.join(cfg.paths.cache_dir, "lm_eval_tasks"))
+            work_dir=os.path.join(cfg.paths.cache_dir, "lm_eval"))
         result["time_s"]["eval_zeroshot"] = time.perf_counter() - t
     for v in result["ppl"].values():
         if not math.isfinite(v):

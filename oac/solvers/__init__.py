@@ -20,7 +20,7 @@ _REGISTRY = {
     "identity": ("oac.solvers", "IdentityConfig"),
 }
 # keys of a method config that are not solver hyper-parameters
-METHOD_KEYS = {"name", "solver", "hessian", "oac", "backbone", "description", "quantize"}
+METHOD_KEYS = {"name", "solver", "hessian", "oac", "backbone", "description", "true_sequential"}
 
 
 @dataclasses.dataclass
