@@ -10,7 +10,15 @@ export WANDB_MODE ?= offline
 SCALE ?= gpu
 LAUNCHER ?= basic
 
-.PHONY: setup test test-slow demo bench clean-cache
+.PHONY: setup test test-slow demo bench clean-cache table1 table2 table3 ablation smoke report paper-refs
+
+# Paper tables as Hydra sweeps (configs/experiment/*.yaml). SCALE=cpu picks the SmolLM2 variant (<table>_cpu),
+# LAUNCHER=slurm submits one SLURM array task per job (configs/hydra/launcher/slurm.yaml); extra overrides in
+# ARGS="...". Sweeps are resumable: rerunning a target skips complete jobs and resumes interrupted ones.
+EXP_SUFFIX := $(if $(filter cpu,$(SCALE)),_cpu,)
+LAUNCH_ARG := $(if $(filter slurm,$(LAUNCHER)),hydra/launcher=slurm,)
+ARGS ?=
+SWEEP = $(PY) -m experiments.run -m +experiment=$(1) $(LAUNCH_ARG) $(ARGS)
 
 setup: $(STAMP)
 
@@ -37,3 +45,16 @@ bench: setup         ## solver and OAC benchmarks -> results/bench/
 
 clean-cache:
 	rm -rf .cache
+
+table1 table2 table3 ablation: setup   ## a paper table (SCALE=cpu|gpu, LAUNCHER=basic|slurm, ARGS=...)
+	$(call SWEEP,$@$(EXP_SUFFIX))
+
+smoke: setup         ## the smoke sweep on stories260K (seconds per job), then the report
+	$(call SWEEP,smoke)
+	$(PY) -m experiments.report
+
+report: setup        ## outputs/**/result.json -> results/<table>.csv/.md (+ results/paper/*.csv references)
+	$(PY) -m experiments.report
+
+paper-refs: setup    ## regenerate results/paper/*.csv from ../shared/docs/PAPER.md
+	$(PY) -m experiments.paper_refs

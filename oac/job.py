@@ -22,6 +22,7 @@ from oac.errors import ConfigError
 from oac.eval.perplexity import perplexity
 from oac.models import Adapter, family_of, load_model, model_fingerprint
 from oac.pipeline import aggregate_bits, quantize_model
+from oac.resume import clear_checkpoint, completed_result, config_hash, make_checkpoint
 from oac.results import RESULT_FILE, write_json_atomic, versions
 
 log = logging.getLogger(__name__)
@@ -101,13 +102,20 @@ def peak_mem_gb(device: str) -> dict:
 def run_job(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     """Run one job and write ``out_dir/result.json``. Raises on failure (after writing a failed record)."""
     out_dir = Path(out_dir)
+    if cfg.get("quantized_from"):  # eval-only: model, method, calib of the saved job
+        from oac.checkpoint import with_saved_config
+
+        cfg = with_saved_config(cfg)
+    if cfg.get("skip_complete", True) and (done := completed_result(cfg, out_dir)) is not None:
+        log.info("skipped: complete (%s)", out_dir)
+        return done
     t_start = time.perf_counter()
     result = {"status": "running", "model": cfg.model.name, "method": cfg.method.name,
               "wbits": cfg.method.get("wbits"), "groupsize": cfg.method.get("groupsize"), "tag": cfg.get("tag"),
-              "config": OmegaConf.to_container(cfg, resolve=True), "versions": versions(),
-              "ppl": {}, "zeroshot": {}, "time_s": {}}
+              "config": OmegaConf.to_container(cfg, resolve=True), "config_hash": config_hash(cfg),
+              "versions": versions(), "ppl": {}, "zeroshot": {}, "time_s": {}}
     try:
-        _run(cfg, result)
+        _run(cfg, result, out_dir)
         result["status"] = "complete"
     except BaseException as e:
         result["status"] = "failed"
@@ -117,10 +125,14 @@ def run_job(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
         result["time_s"]["total"] = time.perf_counter() - t_start
         result["peak_mem_gb"] = peak_mem_gb(result.get("device", "cpu"))
         write_json_atomic(out_dir / RESULT_FILE, result)
+        from oac.logger import log_job
+
+        log_job(cfg, result, out_dir)
+    clear_checkpoint(out_dir, keep_blocks=bool(cfg.get("save")))
     return result
 
 
-def _run(cfg: DictConfig, result: dict) -> None:
+def _run(cfg: DictConfig, result: dict, out_dir: Path | None = None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     if cfg.get("threads"):
@@ -141,8 +153,12 @@ def _run(cfg: DictConfig, result: dict) -> None:
     result["tokenizer"] = {"class": type(tok).__name__, "add_bos_token": getattr(tok, "add_bos_token", None),
                            "vocab": len(tok)}
     method = cfg.method
-    if method.get("solver"):
-        _quantize(cfg, adapter, tok, device, result)
+    if cfg.get("quantized_from"):
+        from oac.checkpoint import restore_into_job
+
+        restore_into_job(cfg, model, result)
+    elif method.get("solver"):
+        _quantize(cfg, adapter, tok, device, result, out_dir)
     else:
         result.update({"bits_nominal": 16.0, "bits_reported": 16.0, "bits_full": 16.0, "avg_bits": 16.0})
     if device != "cpu":
@@ -150,7 +166,7 @@ def _run(cfg: DictConfig, result: dict) -> None:
     _evaluate(cfg, model, tok, device, result)
 
 
-def _quantize(cfg, adapter, tok, device, result) -> None:
+def _quantize(cfg, adapter, tok, device, result, out_dir: Path | None = None) -> None:
     method = cfg.method
     params = OmegaConf.to_container(method, resolve=True)
     scfg = solvers.make_config(method.solver, params)
@@ -159,6 +175,8 @@ def _quantize(cfg, adapter, tok, device, result) -> None:
     result["solver_config"] = vars(scfg) if hasattr(scfg, "__dict__") else {}
     t = time.perf_counter()
     if not method.get("hessian"):  # RTN: no calibration, each layer independently
+        writer = make_checkpoint(cfg, adapter, out_dir, calibrated=False)  # save=true: block files
+        solve = writer.wrap(solve) if writer else solve
         layers = []
         for k, block in enumerate(adapter.blocks):
             for name, lin in adapter.linears(block).items():
@@ -167,15 +185,21 @@ def _quantize(cfg, adapter, tok, device, result) -> None:
                 rec = {"block": k, "name": name, "shape": list(lin.weight.shape)}
                 rec.update({a: b for a, b in res.stats.items() if isinstance(b, (int, float, str, bool))})
                 layers.append(rec)
+            if writer:
+                writer.write_block(k)
         result["time_s"]["solve"] = time.perf_counter() - t
     else:
         calib = calibration_windows(tok, cfg.calib, data_dir=cfg.paths.data_dir, cache_dir=cfg.paths.cache_dir)
         result["calibration"] = {**OmegaConf.to_container(cfg.calib, resolve=True), "checksum": ids_checksum(calib),
                                  "n_tokens": calib.numel()}
         source = make_hessian_source(method)
-        state = quantize_model(adapter, calib, source, solve, scfg, device=device,
+        ckpt = make_checkpoint(cfg, adapter, out_dir, calib_checksum=result["calibration"]["checksum"], source=source)
+        state = quantize_model(adapter, calib, source, ckpt.wrap(solve) if ckpt else solve, scfg, device=device,
                                true_sequential=bool(method.get("true_sequential", False)), offload=cfg.offload,
-                               batch_size=cfg.calib_batch_size, act_device=cfg.get("act_device"))
+                               batch_size=cfg.calib_batch_size, act_device=cfg.get("act_device"),
+                               on_block_done=ckpt.on_block_done if ckpt else None,
+                               resume=ckpt.resume() if ckpt else None)
+        result["resumed_from_block"] = state.start_block or None
         layers = state.layers
         result["hessian"] = source.record()
         result["time_s"].update({f"calib_{k}": v for k, v in state.time_s.items()})
@@ -188,6 +212,10 @@ def _quantize(cfg, adapter, tok, device, result) -> None:
     if damp:
         result["damping"] = {"max_percdamp_used": max(damp),
                              "layers_with_retries": sum(1 for r in layers if r.get("damp_retries", 0) > 0)}
+    if cfg.get("save") and out_dir is not None:
+        from oac.checkpoint import write_manifest
+
+        write_manifest(out_dir, cfg, result, adapter.model)
 
 
 def _evaluate(cfg, model, tok, device, result) -> None:

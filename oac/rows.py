@@ -1,0 +1,60 @@
+"""One flat row per job (``result.json`` -> dict): shared by the report, the W&B logger and notebooks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from oac.resume import config_hash
+
+BITS = ["bits_nominal", "bits_reported", "bits_full", "avg_bits", "outlier_fraction", "salient_fraction"]
+
+
+def _get(d: dict, dotted: str, default=None):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return default
+        d = d[part]
+    return d
+
+
+def result_row(result: dict, job_dir: str | Path | None = None) -> dict:
+    """One flat row per job: identity, settings, bits, metrics (``ppl:<dataset>``, ``zs:<task>`` in %)."""
+    cfg = result.get("config") or {}
+    method = result.get("method")
+    row = {
+        "table": result.get("tag") or "adhoc",
+        "model": result.get("model"),
+        "method": method,
+        "backbone": _get(cfg, "method.backbone") or (method[4:] if method and method.startswith("oac_") else method),
+        "wbits": result.get("wbits"),
+        "groupsize": result.get("groupsize"),
+        "calib_dataset": _get(cfg, "calib.dataset"),
+        "calib_nsamples": _get(cfg, "calib.nsamples"),
+        "calib_seqlen": _get(cfg, "calib.seqlen"),
+        "calib_seed": _get(cfg, "calib.seed"),
+        "eval_seqlen": _get(cfg, "eval.ppl.seqlen"),
+        "max_windows": _get(cfg, "eval.ppl.max_windows"),
+        "device": str(result.get("device", "")).split(":")[0],
+        "status": result.get("status"),
+    }
+    row.update({k: result.get(k) for k in BITS})
+    row.update({f"ppl:{k}": v for k, v in (result.get("ppl") or {}).items()})
+    zs = result.get("zeroshot") or {}
+    for task, entry in (zs.get("tasks") or {}).items():
+        v = entry.get(entry.get("metric_for_avg", "acc"))
+        row[f"zs:{task}"] = None if v is None else 100 * v
+    if (zs.get("average") or {}).get("value") is not None:
+        row["zs:average"] = 100 * zs["average"]["value"]
+    row["time_total_s"] = (result.get("time_s") or {}).get("total")
+    row["config_hash"] = result.get("config_hash") or (config_hash(cfg) if cfg else None)
+    row["group"] = group_key(cfg) if cfg else row["config_hash"]
+    row["job_dir"] = str(job_dir) if job_dir is not None else None
+    return row
+
+
+def group_key(cfg: dict) -> str:
+    """Identity of a configuration up to the calibration seed."""
+    cfg = json.loads(json.dumps(cfg))
+    cfg.get("calib", {}).pop("seed", None)
+    return config_hash(cfg)
