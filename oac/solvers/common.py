@@ -88,9 +88,12 @@ def inverse_cholesky(
         if order == "damp_then_dead":
             Hd[dead, dead] = 1.0
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd  # free d_in² intermediates as soon as possible (large layers, GPU)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info2) == 0 and torch.isfinite(U).all():
                 if retries:
                     log.warning("Cholesky needed %d damping retries; percdamp %.4g -> %.4g", retries, percdamp, p)
