@@ -29,7 +29,10 @@ TABLES = {
     "gptq": [("fp16", ["method=fp16"])]
     + [(f"{m}-w{b}-{'g64' if g == 64 else 'pc'}", [f"method={m}", f"method.wbits={b}", f"method.groupsize={g}"])
        for b in (4, 3, 2) for g in (-1, 64) for m in ("rtn", "gptq")]
-    + [("gptq-w4-pc-act-ts", ["method=gptq", "method.wbits=4", "method.act_order=true", "method.true_sequential=true"])],
+    # GPTQ with the paper's LLaMA settings (act-order + true-sequential; METHODS.md B2)
+    + [(f"gptq-w{b}-{'g64' if g == 64 else 'pc'}-act-ts", ["method=gptq", f"method.wbits={b}", f"method.groupsize={g}",
+                                                           "method.act_order=true", "method.true_sequential=true"])
+       for b in (4, 3, 2) for g in (-1, 64)],
     "backbones": [
         ("spqr-w2-t1.0", ["method=spqr", "method.outlier_threshold=1.0"]),
         ("spqr-w2-t0.2", ["method=spqr", "method.outlier_threshold=0.2"]),
