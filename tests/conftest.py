@@ -69,3 +69,21 @@ def compose(tmp_path, shared_dir):
                 f"paths.output_dir={tmp_path}", *overrides])
 
     return _compose
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Small tensors: one intra-op thread avoids oversubscription on the 2-core machine (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def correlated_H(d_in, n=None, seed=0):
+    """A positive-definite Hessian 2XᵀX/n from correlated, unevenly scaled inputs."""
+    g = torch.Generator().manual_seed(seed)
+    n = n or 4 * d_in
+    mix = torch.eye(d_in) + 0.4 * torch.randn(d_in, d_in, generator=g) / d_in**0.5
+    X = torch.randn(n, d_in, generator=g) @ mix * (0.2 + 2 * torch.rand(d_in, generator=g))
+    return 2 * X.T @ X / n

@@ -5,25 +5,12 @@ import torch
 
 from oac.quant.bits import billm_bits
 from oac.solvers.billm import BiLLMConfig, _salient_errors, binarize, search, solve
+from tests.conftest import correlated_H
 from oac.solvers.common import layer_objective
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small tensors: one intra-op thread avoids oversubscription on the shared 2-core machine (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-def correlated_H(d_in, n=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = n or 4 * d_in
-    mix = torch.eye(d_in) + 0.4 * torch.randn(d_in, d_in, generator=g) / d_in**0.5
-    X = torch.randn(n, d_in, generator=g) @ mix * (0.2 + 2 * torch.rand(d_in, generator=g))
-    return 2 * X.T @ X / n
-
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 def rand_W(d_out, d_in, seed=1):
     g = torch.Generator().manual_seed(seed)
