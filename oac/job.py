@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from oac import solvers
 from oac.data.text import check_available
-from oac.data.tokens import PPL_DATASETS, calibration_windows, eval_source, eval_stream, ids_checksum
+from oac.data.tokens import CALIB_DATASETS, PPL_DATASETS, calibration_windows, eval_source, eval_stream, ids_checksum
 from oac.errors import ConfigError
 from oac.eval.perplexity import perplexity
 from oac.models import Adapter, family_of, load_model, model_fingerprint
@@ -59,12 +59,11 @@ def validate(cfg: DictConfig) -> None:
         wb = getattr(scfg, "wbits", None)
         if wb is not None and m.solver in SUPPORTED_WBITS and wb not in SUPPORTED_WBITS[m.solver]:
             raise ConfigError(f"method {m.name!r}: unsupported bit-width wbits={wb} (supported: 1..8)")
-        if m.get("hessian") not in (None, "layerwise", "output_adaptive"):
-            make_hessian_source(m)
         if m.get("hessian"):
-            check_available({"c4": "c4-calibration", "c4-calib": "c4-calibration",
-                             "c4-val-heldout": "c4-validation", "wikitext2": "wikitext2-test"}.get(
-                                 cfg.calib.dataset, "c4-calibration"), cfg.paths.data_dir)
+            make_hessian_source(m)  # validates the source and its options (cheap: no model work)
+            if cfg.calib.dataset not in CALIB_DATASETS:
+                raise ConfigError(f"unknown calibration dataset {cfg.calib.dataset!r}; known: {sorted(CALIB_DATASETS)}")
+            check_available(CALIB_DATASETS[cfg.calib.dataset], cfg.paths.data_dir)
     for d in cfg.eval.ppl.datasets:
         if d not in PPL_DATASETS:
             raise ConfigError(f"unknown perplexity dataset {d!r}; known: {list(PPL_DATASETS)}")

@@ -21,8 +21,9 @@ from oac.models import tokenizer_fingerprint
 log = logging.getLogger(__name__)
 
 PPL_DATASETS = ("wikitext2", "c4-new", "c4", "ptb", "ptb-new")
-CALIB_DATASETS = {"c4": "c4-calibration", "c4-calib": "c4-calibration", "c4-val-heldout": "c4-validation",
-                  "wikitext2": "wikitext2-test"}
+# Only sources disjoint from the evaluation text: no WikiText2 train split exists offline, and calibrating on
+# the test split would leak the evaluation data (PROTOCOLS.md §5.10).
+CALIB_DATASETS = {"c4": "c4-calibration", "c4-calib": "c4-calibration", "c4-val-heldout": "c4-validation"}
 C4_NEW_DOCS = 1100  # first documents joined for the c4-new protocol
 C4_WINDOWS = 256
 
