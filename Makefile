@@ -10,7 +10,7 @@ export WANDB_MODE ?= offline
 SCALE ?= gpu
 LAUNCHER ?= basic
 
-.PHONY: setup test test-slow demo bench clean-cache table1 table2 table3 ablation smoke report paper-refs
+.PHONY: setup test test-slow demo bench clean-cache table1 table2 table3 ablation main smoke report paper-refs
 
 # Paper tables as Hydra sweeps (configs/experiment/*.yaml). SCALE=cpu picks the SmolLM2 variant (<table>_cpu),
 # LAUNCHER=slurm submits one SLURM array task per job (configs/hydra/launcher/slurm.yaml); extra overrides in
@@ -46,8 +46,9 @@ bench: setup         ## solver and OAC benchmarks -> results/bench/
 clean-cache:
 	rm -rf .cache
 
-table1 table2 table3 ablation: setup   ## a paper table (SCALE=cpu|gpu, LAUNCHER=basic|slurm, ARGS=...)
+table1 table2 table3 ablation main: setup   ## a paper table or the seed-repeated main comparison (SCALE=cpu|gpu, LAUNCHER=basic|slurm, ARGS=...), then the report
 	$(call SWEEP,$@$(EXP_SUFFIX))
+	$(PY) -m experiments.report
 
 smoke: setup         ## the smoke sweep on stories260K (seconds per job), then the report
 	$(call SWEEP,smoke)

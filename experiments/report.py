@@ -7,11 +7,15 @@ are reported as table ``adhoc`` only with ``--include-untagged``):
 
 * ``results/<table>_runs.csv``: one row per job (failed ones included, with their status);
 * ``results/<table>.csv``: long format, one row per (configuration, metric): configurations group every
-  job whose config differs only in ``calib.seed``; ``value`` is the mean over seeds, with ``std`` and ``n``.
+  job whose config differs only in ``calib.seed``; ``value`` is the mean over seeds, with ``std``, ``min``,
+  ``max`` and ``n``.
   Each row is joined with the reference cells of ``results/paper/*.csv`` (OAC paper cell and best literature
   cell, with status, source and a comparability flag);
+* ``results/<table>_seeds.csv``: every metric (ppl, zero-shot, bits, outlier/salient fraction, times) of every
+  configuration over seeds (mean/std/min/max/n, missing seeds); ``results/<table>_paired.csv``: OAC vs its
+  backbone, paired over seeds, with the 2-standard-error verdict (``experiments/seeds.py``);
 * ``results/<table>.md``: the paper-style layout (rows: models; columns: method x dataset, with the
-  reported average bits), then the reference cells in the same layout.
+  reported average bits), missing seeds, the paired OAC-vs-backbone verdicts, then the reference cells.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from oac.results import RESULT_FILE
+from experiments.seeds import missing_markdown, paired, paired_markdown, seed_summary
 from oac.rows import BITS, group_key, result_row  # noqa: F401  (result_row: public API)
 
 log = logging.getLogger("report")
@@ -108,7 +113,8 @@ def aggregate(runs: pd.DataFrame, configs: dict[str, dict]) -> pd.DataFrame:
             if vals.empty:
                 continue
             rows.append({**base, "metric": m.split(":")[0], "dataset": m.split(":", 1)[1], "value": vals.mean(),
-                         "std": vals.std(ddof=1) if len(vals) > 1 else float("nan"), "n": len(vals)})
+                         "std": vals.std(ddof=1) if len(vals) > 1 else float("nan"), "min": vals.min(),
+                         "max": vals.max(), "n": len(vals)})
     long = pd.DataFrame(rows)
     extra = _varying_settings(configs, long.drop_duplicates("group"))
     long["label"] = [f"{lab} [{extra[g]}]" if extra.get(g) else lab for lab, g in zip(long["label"], long["group"])]
@@ -230,7 +236,8 @@ def _ref_cell(r) -> str:
     return "; ".join(parts)
 
 
-def markdown(table: str, long: pd.DataFrame, runs: pd.DataFrame) -> str:
+def markdown(table: str, long: pd.DataFrame, runs: pd.DataFrame, pairs: pd.DataFrame | None = None,
+             summary: pd.DataFrame | None = None) -> str:
     cmd = f"python -m experiments.run -m +experiment={table}" if (
         Path(__file__).resolve().parents[1] / "configs" / "experiment" / f"{table}.yaml").exists() else None
     lines = [f"# {table}", ""]
@@ -251,6 +258,8 @@ def markdown(table: str, long: pd.DataFrame, runs: pd.DataFrame) -> str:
               "bits_full is in the CSV. Mean ± std over calibration seeds when n > 1.", ""]
     ours = _pivot(long, lambda r: _fmt(r["value"], r["std"], r["n"]))
     lines += ["## Ours", "", ours.to_markdown(disable_numparse=True), ""]
+    lines += missing_markdown(summary if summary is not None else pd.DataFrame())
+    lines += paired_markdown(pairs if pairs is not None else pd.DataFrame())
     refs = _pivot(long, _ref_cell)
     if (refs.drop(columns=[c for c in refs.columns if c.endswith("· bits")]) != "").any().any():
         lines += ["## Reference cells (results/paper/*.csv)", "",
@@ -282,9 +291,15 @@ def report(outputs: str | Path = "outputs", results: str | Path = "results", *,
     written = {}
     for table, sub in runs.groupby("table", sort=True):
         long = join_refs(aggregate(sub, configs), refs)
+        labels = dict(zip(long["group"], long["label"])) if not long.empty else {}
+        sub = sub.assign(label=[labels.get(g, m) for g, m in zip(sub["group"], sub["method"])])
+        summary, pairs = seed_summary(sub), paired(sub)
         sub.to_csv(results / f"{table}_runs.csv", index=False)
         long.to_csv(results / f"{table}.csv", index=False)
-        (results / f"{table}.md").write_text(markdown(table, long, sub))
+        summary.to_csv(results / f"{table}_seeds.csv", index=False)
+        if not pairs.empty:
+            pairs.to_csv(results / f"{table}_paired.csv", index=False)
+        (results / f"{table}.md").write_text(markdown(table, long, sub, pairs, summary))
         written[table] = results / f"{table}.md"
         log.info("%s: %d jobs (%d complete) -> %s", table, len(sub), int((sub["status"] == "complete").sum()),
                  written[table])

@@ -33,7 +33,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 QUANTIZED_DIR = "quantized"
 # keys (dotted) that never change a job's numbers: excluded from its identity
 VOLATILE_KEYS = ("hydra", "paths.output_dir", "paths.cache_dir", "checkpoint", "skip_complete", "threads",
-                 "logger")
+                 "logger", "oac_cache_dir", "method.oac.cache_dir")
 
 
 def config_hash(cfg: DictConfig | dict) -> str:

@@ -46,9 +46,13 @@ def result_row(result: dict, job_dir: str | Path | None = None) -> dict:
         row[f"zs:{task}"] = None if v is None else 100 * v
     if (zs.get("average") or {}).get("value") is not None:
         row["zs:average"] = 100 * zs["average"]["value"]
-    row["time_total_s"] = (result.get("time_s") or {}).get("total")
+    times = result.get("time_s") or {}
+    row.update({"time_total_s": times.get("total"), "time_quantize_s": times.get("quantize"),
+                "time_hessian_s": times.get("calib_hessian")})
     row["config_hash"] = result.get("config_hash") or (config_hash(cfg) if cfg else None)
     row["group"] = group_key(cfg) if cfg else row["config_hash"]
+    row["pair"] = pair_key(cfg) if cfg else row["config_hash"]
+    row["hessian"] = _get(cfg, "method.hessian")
     row["job_dir"] = str(job_dir) if job_dir is not None else None
     return row
 
@@ -57,4 +61,20 @@ def group_key(cfg: dict) -> str:
     """Identity of a configuration up to the calibration seed."""
     cfg = json.loads(json.dumps(cfg))
     cfg.get("calib", {}).pop("seed", None)
+    return config_hash(cfg)
+
+
+# method keys that name the Hessian source rather than the solver: an OAC method and its backbone differ only here
+HESSIAN_SOURCE_KEYS = ("name", "hessian", "oac", "backbone", "description", "true_sequential")
+
+
+def pair_key(cfg: dict) -> str:
+    """Identity up to the calibration seed and the Hessian source: OAC-X and X with the same solver settings,
+    model, calibration and evaluation share it (``true_sequential`` is dropped: it does not apply to OAC)."""
+    cfg = json.loads(json.dumps(cfg))
+    cfg.get("calib", {}).pop("seed", None)
+    cfg.pop("tag", None)
+    method = cfg.get("method") or {}
+    for k in HESSIAN_SOURCE_KEYS:
+        method.pop(k, None)
     return config_hash(cfg)

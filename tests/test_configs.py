@@ -16,6 +16,8 @@ LLAMA = ["llama-7b", "llama-13b", "llama-30b", "llama-65b", "llama2-7b", "llama2
 OPT = ["opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b"]
 T1 = ["fp16", "rtn_w2", "gptq_w2", "spqr_w2", "oac_spqr_w2"]
 T2 = ["fp16", "billm", "oac_billm"]
+MAIN = ["spqr_w2_o1", "oac_spqr_w2_o1", "billm", "oac_billm"]
+MAIN_CPU = MAIN + ["oac_spqr_w2_o1_once", "oac_billm_once"]
 # experiment -> (settings, models, extra swept values per job)
 EXPECTED = {
     "table1": (T1, LLAMA + OPT, 1), "table2": (T2, LLAMA, 1), "table3": (T1 + T2[1:], LLAMA, 1),
@@ -23,9 +25,13 @@ EXPECTED = {
     "table1_cpu": (T1, ["smollm2-135m"], 1), "table2_cpu": (T2, ["smollm2-135m"], 1),
     "table3_cpu": (T1 + T2[1:], ["smollm2-135m"], 1), "ablation_cpu": (None, ["smollm2-135m"], 12),
     "smoke": (["fp16", "rtn_w2", "gptq_w2", "billm", "oac_billm"], ["stories260k"], 1),
+    # seed-repeated main comparison: settings x 3 calibration seeds
+    "main": (MAIN, ["llama2-7b"], 3),
+    "main_cpu": (MAIN_CPU, ["smollm2-135m"], 3),
 }
 SETTING_METHOD = {"fp16": "fp16", "rtn_w2": "rtn", "gptq_w2": "gptq", "spqr_w2": "spqr", "oac_spqr_w2": "oac_spqr",
-                  "billm": "billm", "oac_billm": "oac_billm"}
+                  "billm": "billm", "oac_billm": "oac_billm", "spqr_w2_o1": "spqr", "oac_spqr_w2_o1": "oac_spqr",
+                  "oac_spqr_w2_o1_once": "oac_spqr", "oac_billm_once": "oac_billm"}
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +90,30 @@ def test_sweep_expands_to_expected_jobs(hydra_compose, experiment):
         assert cfg.tag == experiment and cfg.model.name == kv["model"]
         if settings:
             assert cfg.method.name == SETTING_METHOD[kv["+setting"]]
-            if kv["+setting"].endswith("_w2"):
+            if "_w2" in kv["+setting"]:
                 assert cfg.method.wbits == 2
+            if "calib.seed" in kv:
+                assert cfg.calib.seed == int(kv["calib.seed"])
         else:
             assert cfg.method.name == "oac_spqr" and cfg.method.oac.refresh == kv["method.oac.refresh"]
-        assert cfg.device == ("cuda" if experiment in ("table1", "table2", "table3", "ablation") else "cpu")
+        assert cfg.device == ("cuda" if experiment in ("table1", "table2", "table3", "ablation", "main") else "cpu")
+
+
+@pytest.mark.parametrize("oac,backbone", [("oac_spqr_w2_o1", "spqr_w2_o1"), ("oac_spqr_w2_o1_once", "spqr_w2_o1"),
+                                          ("oac_billm", "billm"), ("oac_billm_once", "billm"),
+                                          ("oac_spqr_w2", "spqr_w2")])
+def test_oac_settings_pair_with_their_backbone(hydra_compose, oac, backbone):
+    """The seed report pairs an OAC job with its backbone job; they must differ only in the Hessian source."""
+    from omegaconf import OmegaConf
+
+    from oac.rows import pair_key
+
+    a, b = ({k: v for k, v in OmegaConf.to_container(hydra_compose(["+experiment=main_cpu", f"+setting={s}"]),
+                                                       resolve=True).items()} for s in (oac, backbone))
+    assert a["method"]["hessian"] == "output_adaptive" and b["method"]["hessian"] == "layerwise"
+    assert a["calib"] == b["calib"] and pair_key(a) == pair_key(b)
+    c = hydra_compose(["+experiment=main_cpu", f"+setting={backbone}", "method.percdamp=0.5"])
+    assert pair_key(OmegaConf.to_container(c, resolve=True)) != pair_key(b)  # a solver setting breaks the pair
 
 
 def test_slurm_launcher_resolves_from_the_command_line():

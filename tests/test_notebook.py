@@ -22,11 +22,18 @@ def test_notebook_executes(tmp_path, monkeypatch):
         write_json_atomic(tmp_path / "outputs" / str(i) / "result.json",
                           fake_result("llama2-13b", method, 0, {"wikitext2": ppl}, tag="nbtest",
                                       bits=16.0 if method == "fp16" else 2.3))
+    for i, (method, seed, ppl) in enumerate([("billm", 0, 900.0), ("oac_billm", 0, 800.0), ("billm", 1, 1000.0),
+                                             ("oac_billm", 1, 950.0)]):  # a seed-paired table
+        from tests.test_report import seeded
+
+        write_json_atomic(tmp_path / "outputs" / f"p{i}" / "result.json",
+                          seeded(method, seed, {"wikitext2": ppl}, backbone="billm"))
     report(tmp_path / "outputs", results)
     monkeypatch.setenv("OAC_RESULTS", str(results))
     nb = nbformat.read(ROOT / "notebooks" / "compare_paper_tables.ipynb", as_version=4)
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}},
                    extra_arguments=[]).execute()
     assert (results / "ppl_vs_bits.png").stat().st_size > 1000
+    assert (results / "seeds_main.png").stat().st_size > 1000
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "nbtest" in text  # the kernel saw our table

@@ -86,3 +86,82 @@ def test_reference_csvs_never_invent_numbers(tmp_path):
     for name, p in paths.items():
         committed = ROOT / "results" / "paper" / f"{name}.csv"
         assert committed.read_text() == p.read_text(), f"regenerate {committed}: python -m experiments.paper_refs"
+
+
+# ------------------------------------------------------------------ calibration seeds and paired verdicts
+
+
+def seeded(method, seed, ppl, *, status="complete", backbone=None):
+    """A synthetic main-comparison job: OAC methods differ from their backbone only in the Hessian source."""
+    r = fake_result("smollm2-135m", method, seed, ppl, tag="main", status=status,
+                    wbits=None if "billm" in method else 2)
+    oac = method.startswith("oac_")
+    r["config"]["method"].update({"hessian": "output_adaptive" if oac else "layerwise", "outlier_fraction": 0.01}
+                                 | ({"backbone": backbone, "oac": {"refresh": "per_block"}} if oac else {}))
+    r["config"]["calib"]["nsamples"] = 16
+    return r
+
+
+@pytest.fixture
+def seed_tree(tmp_path):
+    out = tmp_path / "outputs"
+    bb = {0: 100.0, 1: 120.0, 2: 90.0}
+    jobs = {}
+    for s, p in bb.items():
+        jobs[f"spqr/{s}"] = seeded("spqr", s, {"wikitext2": p, "c4-new": p})
+        # wikitext2: OAC 10% better on every seed (+-1%); c4-new: -20%, +20%, 0% -> a tie
+        jobs[f"oac/{s}"] = seeded("oac_spqr", s, {"wikitext2": p * 0.9 * (1 + 0.01 * (s - 1)),
+                                                  "c4-new": p * (0.8, 1.2, 1.0)[s]}, backbone="spqr")
+    jobs["billm/0"] = seeded("billm", 0, {"wikitext2": 5000.0})
+    jobs["billm/2"] = seeded("billm", 2, {}, status="failed")  # seed 1 absent, seed 2 failed
+    for s in range(3):
+        jobs[f"oacb/{s}"] = seeded("oac_billm", s, {"wikitext2": 4000.0 + s}, backbone="billm")
+    jobs["fp16"] = seeded("fp16", 0, {"wikitext2": 20.0})
+    jobs["fp16"]["config"]["method"]["hessian"] = None
+    for d, r in jobs.items():
+        write_json_atomic(out / d / "result.json", r)
+    results = tmp_path / "results"
+    paper_refs.write(results / "paper")
+    return out, results, bb
+
+
+def test_seed_summary_and_paired_verdicts(seed_tree):
+    import math
+
+    out, results, bb = seed_tree
+    report(out, results)
+    seeds = pd.read_csv(results / "main_seeds.csv", keep_default_na=False, na_values={"std": [""]})
+    spqr = seeds[(seeds["method"] == "spqr") & (seeds["metric"] == "ppl:wikitext2")].iloc[0]
+    assert spqr["n"] == 3 and spqr["mean"] == pytest.approx(310 / 3) and spqr["min"] == 90 and spqr["max"] == 120
+    assert spqr["std"] == pytest.approx(pd.Series(list(bb.values())).std()) and spqr["missing_seeds"] == ""
+    bits = seeds[(seeds["method"] == "spqr") & (seeds["metric"] == "bits_reported")].iloc[0]
+    assert bits["mean"] == 2.0 and bits["n"] == 3  # bits and times are summarised too
+    billm = seeds[(seeds["method"] == "billm") & (seeds["metric"] == "ppl:wikitext2")].iloc[0]
+    assert billm["n"] == 1 and pd.isna(billm["std"]) and billm["missing_seeds"] == "1,2"
+    assert seeds[seeds["method"] == "fp16"]["missing_seeds"].eq("").all()  # no calibration: no seeds expected
+
+    pairs = pd.read_csv(results / "main_paired.csv", keep_default_na=False, na_values={"diff_sd": [""], "diff_se": [""]})
+    wt = pairs[(pairs["method"] == "oac_spqr") & (pairs["metric"] == "ppl:wikitext2")].iloc[0]
+    d = [math.log(0.9 * (1 + 0.01 * (s - 1))) for s in range(3)]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    assert wt["n"] == 3 and wt["diff_mean"] == pytest.approx(mean) and wt["diff_se"] == pytest.approx(sd / math.sqrt(3))
+    assert wt["verdict"] == "OAC better" and wt["wins"] == 3 and wt["change_pct"] == pytest.approx(100 * (math.exp(mean) - 1))
+    c4 = pairs[(pairs["method"] == "oac_spqr") & (pairs["metric"] == "ppl:c4-new")].iloc[0]
+    assert c4["verdict"] == "tie" and c4["wins"] == 1
+    b = pairs[pairs["method"] == "oac_billm"].iloc[0]
+    assert b["n"] == 1 and b["verdict"] == "n/a (n<2)" and b["missing_seeds"] == "1,2" and b["seeds"] == "0"
+    assert len(pairs) == 3  # fp16 has no OAC partner
+
+    md = (results / "main.md").read_text()
+    assert "**OAC better**" in md and "**tie**" in md and "n/a (n<2)" in md
+    assert "Missing seeds" in md and "billm: 1,2" in md and "1 job(s) not complete" in md
+
+
+def test_verdict_flips_when_oac_is_worse():
+    from experiments.seeds import _verdict
+
+    assert _verdict(0.1, 0.01, 3, higher_is_better=False) == "OAC worse"
+    assert _verdict(0.1, 0.01, 3, higher_is_better=True) == "OAC better"
+    assert _verdict(0.1, 0.06, 3, higher_is_better=False) == "tie"
+    assert _verdict(0.1, float("nan"), 1, higher_is_better=False) == "n/a (n<2)"
