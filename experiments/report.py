@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from oac.results import RESULT_FILE
-from experiments.seeds import missing_markdown, paired, paired_markdown, seed_summary
+from experiments.seeds import missing_markdown, paired, paired_markdown, seed_summary, summary_markdown
 from oac.rows import BITS, group_key, result_row  # noqa: F401  (result_row: public API)
 
 log = logging.getLogger("report")
@@ -260,6 +260,7 @@ def markdown(table: str, long: pd.DataFrame, runs: pd.DataFrame, pairs: pd.DataF
     lines += ["## Ours", "", ours.to_markdown(disable_numparse=True), ""]
     lines += missing_markdown(summary if summary is not None else pd.DataFrame())
     lines += paired_markdown(pairs if pairs is not None else pd.DataFrame())
+    lines += summary_markdown(summary if summary is not None else pd.DataFrame())
     refs = _pivot(long, _ref_cell)
     if (refs.drop(columns=[c for c in refs.columns if c.endswith("· bits")]) != "").any().any():
         lines += ["## Reference cells (results/paper/*.csv)", "",

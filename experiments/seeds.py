@@ -174,6 +174,37 @@ def paired_markdown(pairs: pd.DataFrame) -> list[str]:
     return lines + [""]
 
 
+SUMMARY_METRICS = {"bits_reported": "bits (reported)", "bits_full": "bits (full)", "outlier_fraction": "outliers",
+                   "salient_fraction": "salient", "time_hessian_s": "Hessian phase (s)",
+                   "time_quantize_s": "quantization (s)", "time_total_s": "job (s)"}
+
+
+def summary_markdown(summary: pd.DataFrame) -> list[str]:
+    """Bits, outlier/salient fractions and times per configuration (mean ± std over seeds)."""
+    if summary.empty:
+        return []
+    sub = summary[summary["metric"].isin(list(SUMMARY_METRICS))]
+    if sub.empty:
+        return []
+    cols = [m for m in SUMMARY_METRICS if m in set(sub["metric"])]
+    lines = ["## Bits, outliers and time per configuration (mean ± std over seeds)", "",
+             "| configuration | seeds | " + " | ".join(SUMMARY_METRICS[c] for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for g, rows in sub.groupby("group", sort=False):
+        by = rows.set_index("metric")
+        cells = []
+        for c in cols:
+            if c not in by.index:
+                cells.append("—")
+                continue
+            r = by.loc[c]
+            fmt = (lambda v: f"{100 * v:.2f}%") if c.endswith("fraction") else (
+                (lambda v: f"{v:.0f}") if c.startswith("time") else (lambda v: f"{v:.3f}"))
+            cells.append(fmt(r["mean"]) + (f" ± {fmt(r['std'])}" if r["n"] > 1 and math.isfinite(r["std"]) else ""))
+        lines.append(f"| {rows.iloc[0]['label']} | {rows.iloc[0]['seeds'] or '—'} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def missing_markdown(summary: pd.DataFrame) -> list[str]:
     """Configurations with missing seeds (absent or not complete jobs)."""
     if summary.empty:
