@@ -2,6 +2,8 @@
 
     python -m experiments.cpu_table gptq        # fp16, RTN, GPTQ at 4/3/2 bits, per-channel and g64 (128 does not divide SmolLM2's d_in=576)
     python -m experiments.cpu_table backbones   # SpQR (tau 1.0 / 0.2 / inf), GPTQ/RTN 2-bit g64, BiLLM, RTN 1-bit
+    python -m experiments.cpu_table gptq --nsamples 128 --only gptq-w4-pc ...   # other calibration size:
+        # jobs under <out>/n128/, tables results/cpu_gptq_n128.{md,csv}
 
 Jobs run one after another as subprocesses (finished jobs are skipped), each with the exact command
 stored next to its row; the table goes to results/<name>.md and .csv.
@@ -49,13 +51,18 @@ def command(overrides: list[str], out: Path) -> list[str]:
     return [sys.executable, "-m", "experiments.run", *overrides, f"hydra.run.dir={out}"]
 
 
-def run_table(name: str, out_root: Path, only: list[str] | None = None) -> pd.DataFrame:
+def common(nsamples: int = 32) -> list[str]:
+    return [f"calib.nsamples={nsamples}" if o.startswith("calib.nsamples=") else o for o in COMMON]
+
+
+def run_table(name: str, out_root: Path, only: list[str] | None = None, nsamples: int = 32) -> pd.DataFrame:
     rows = []
+    base = common(nsamples)
     for tag, extra in TABLES[name]:
         if only and tag not in only:
             continue
         out = out_root / tag
-        cmd = command(COMMON + extra, out)
+        cmd = command(base + extra, out)
         res_file = out / "result.json"
         done = res_file.exists() and json.loads(res_file.read_text()).get("status") == "complete"
         if not done:
@@ -67,7 +74,7 @@ def run_table(name: str, out_root: Path, only: list[str] | None = None) -> pd.Da
                      "outlier_fraction": r.get("outlier_fraction"), "salient_fraction": r.get("salient_fraction"),
                      "wikitext2": r.get("ppl", {}).get("wikitext2"), "c4-new": r.get("ppl", {}).get("c4-new"),
                      "quantize_s": r.get("time_s", {}).get("quantize"), "status": r.get("status"),
-                     "command": "python -m experiments.run " + " ".join(shlex.quote(a) for a in COMMON + extra)})
+                     "command": "python -m experiments.run " + " ".join(shlex.quote(a) for a in base + extra)})
     return pd.DataFrame(rows)
 
 
@@ -76,16 +83,20 @@ def main() -> None:
     ap.add_argument("table", choices=sorted(TABLES))
     ap.add_argument("--out", default="outputs/cpu_tables")
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--nsamples", type=int, default=32, help="calibration windows (512 tokens each)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    df = run_table(args.table, Path(args.out), args.only)  # one flat root: rows shared by tables reuse a job
+    suffix = "" if args.nsamples == 32 else f"_n{args.nsamples}"
+    out = Path(args.out) / suffix.lstrip("_") if suffix else Path(args.out)
+    df = run_table(args.table, out, args.only, args.nsamples)  # one flat root: rows shared by tables reuse a job
     Path("results").mkdir(exist_ok=True)
-    df.to_csv(f"results/cpu_{args.table}.csv", index=False)
+    name = f"{args.table}{suffix}"
+    df.to_csv(f"results/cpu_{name}.csv", index=False)
     cols = ["row", "bits_reported", "bits_full", "outlier_fraction", "salient_fraction", "wikitext2", "c4-new",
             "quantize_s", "status"]
     md = df[cols].to_markdown(index=False, floatfmt=".4g")
-    Path(f"results/cpu_{args.table}.md").write_text(
-        f"# CPU table `{args.table}` (SmolLM2-135M)\n\nCommon settings: `{' '.join(COMMON)}`\n\n{md}\n\n"
+    Path(f"results/cpu_{name}.md").write_text(
+        f"# CPU table `{name}` (SmolLM2-135M)\n\nCommon settings: `{' '.join(common(args.nsamples))}`\n\n{md}\n\n"
         "Commands:\n\n" + "\n".join(f"- `{c}`" for c in df["command"]) + "\n")
     print(md)
 

@@ -260,7 +260,7 @@ def markdown(table: str, long: pd.DataFrame, runs: pd.DataFrame, pairs: pd.DataF
     lines += ["## Ours", "", ours.to_markdown(disable_numparse=True), ""]
     lines += missing_markdown(summary if summary is not None else pd.DataFrame())
     lines += paired_markdown(pairs if pairs is not None else pd.DataFrame())
-    lines += summary_markdown(summary if summary is not None else pd.DataFrame())
+    lines += summary_markdown(summary if summary is not None else pd.DataFrame(), runs)
     refs = _pivot(long, _ref_cell)
     if (refs.drop(columns=[c for c in refs.columns if c.endswith("· bits")]) != "").any().any():
         lines += ["## Reference cells (results/paper/*.csv)", "",

@@ -179,10 +179,13 @@ SUMMARY_METRICS = {"bits_reported": "bits (reported)", "bits_full": "bits (full)
                    "time_quantize_s": "quantization (s)", "time_total_s": "job (s)"}
 
 
-def summary_markdown(summary: pd.DataFrame) -> list[str]:
+def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame | None = None) -> list[str]:
     """Bits, outlier/salient fractions and times per configuration (mean ± std over seeds)."""
     if summary.empty:
         return []
+    cached = set()
+    if runs is not None and "hessian_cache_hits" in runs:
+        cached = set(runs.loc[pd.to_numeric(runs["hessian_cache_hits"], errors="coerce").fillna(0) > 0, "group"])
     sub = summary[summary["metric"].isin(list(SUMMARY_METRICS))]
     if sub.empty:
         return []
@@ -201,7 +204,11 @@ def summary_markdown(summary: pd.DataFrame) -> list[str]:
             fmt = (lambda v: f"{100 * v:.2f}%") if c.endswith("fraction") else (
                 (lambda v: f"{v:.0f}") if c.startswith("time") else (lambda v: f"{v:.3f}"))
             cells.append(fmt(r["mean"]) + (f" ± {fmt(r['std'])}" if r["n"] > 1 and math.isfinite(r["std"]) else ""))
-        lines.append(f"| {rows.iloc[0]['label']} | {rows.iloc[0]['seeds'] or '—'} | " + " | ".join(cells) + " |")
+        label = rows.iloc[0]["label"] + (" (Ĥ from the cache)" if g in cached else "")
+        lines.append(f"| {label} | {rows.iloc[0]['seeds'] or '—'} | " + " | ".join(cells) + " |")
+    if cached:
+        lines.append("\n(Ĥ from the cache): the job reloaded its Ĥ (`oac_cache_dir`), so its Hessian time is not the "
+                     "cost of computing them.")
     return lines + [""]
 
 
