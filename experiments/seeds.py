@@ -157,19 +157,22 @@ def paired_markdown(pairs: pd.DataFrame) -> list[str]:
              "Same seed = same calibration windows. Δ: perplexity change of OAC relative to the backbone "
              "(geometric mean over seeds, from the paired log-ratio), accuracy in points. Verdict: "
              "|mean paired difference| > 2 standard errors, else tie; n < 2 gives none. wins: seeds where OAC is "
-             "better.", "",
-             "| pair | metric | backbone | OAC | Δ | 2·se | wins | verdict | missing seeds |",
+             "better. Δ ± 2·se: the mean paired difference ± 2 standard errors (for perplexity mapped back from the "
+             "log-ratio, hence asymmetric); the verdict is not a tie when this range excludes 0.", "",
+             "| pair | metric | backbone | OAC | Δ | Δ ± 2·se | wins | verdict | missing seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for _, r in pairs.iterrows():
+        lo, hi = r["diff_mean"] - 2 * r["diff_se"], r["diff_mean"] + 2 * r["diff_se"]
         if r["scale"] == "log":
             delta = f"{r['change_pct']:+.1f}%"
-            two_se = "—" if not math.isfinite(r["diff_se"]) else f"±{100 * (math.exp(2 * r['diff_se']) - 1):.1f}%"
+            band = "—" if not math.isfinite(r["diff_se"]) else \
+                f"{100 * (math.exp(lo) - 1):+.1f}% … {100 * (math.exp(hi) - 1):+.1f}%"
         else:
             delta = f"{r['diff_mean']:+.2f}"
-            two_se = "—" if not math.isfinite(r["diff_se"]) else f"±{2 * r['diff_se']:.2f}"
+            band = "—" if not math.isfinite(r["diff_se"]) else f"{lo:+.2f} … {hi:+.2f}"
         lines.append(f"| {r['label']} vs {r['backbone']} | {r['metric']} | "
                      f"{_mean_std(r['backbone_mean'], r['backbone_std'], r['n'])} | "
-                     f"{_mean_std(r['oac_mean'], r['oac_std'], r['n'])} | {delta} | {two_se} | {r['wins']}/{r['n']} | "
+                     f"{_mean_std(r['oac_mean'], r['oac_std'], r['n'])} | {delta} | {band} | {r['wins']}/{r['n']} | "
                      f"**{r['verdict']}** | {r['missing_seeds'] or '—'} |")
     return lines + [""]
 
