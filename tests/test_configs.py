@@ -22,7 +22,7 @@ MAIN_CPU = MAIN + ["oac_spqr_w2_o1_once", "oac_billm_once"]
 EXPECTED = {
     "table1": (T1, LLAMA + OPT, 1), "table2": (T2, LLAMA, 1), "table3": (T1 + T2[1:], LLAMA, 1),
     "ablation": (None, ["llama-7b", "llama2-7b"], 12),
-    "table1_cpu": (T1, ["smollm2-135m"], 1), "table2_cpu": (T2, ["smollm2-135m"], 1),
+    "table1_cpu": (T1[:3] + ["spqr_w2_o1", "oac_spqr_w2_o1"], ["smollm2-135m"], 1), "table2_cpu": (T2, ["smollm2-135m"], 1),
     "table3_cpu": (T1 + T2[1:], ["smollm2-135m"], 1), "ablation_cpu": (None, ["smollm2-135m"], 12),
     "smoke": (["fp16", "rtn_w2", "gptq_w2", "billm", "oac_billm"], ["stories260k"], 1),
     # seed-repeated main comparison: settings x 3 calibration seeds
