@@ -49,7 +49,9 @@ def result_row(result: dict, job_dir: str | Path | None = None) -> dict:
     times = result.get("time_s") or {}
     row.update({"time_total_s": times.get("total"), "time_quantize_s": times.get("quantize"),
                 "time_hessian_s": times.get("calib_hessian")})
-    row["hessian_cache_hits"] = _get(result, "hessian.stats.cache_hits")  # > 0: Ĥ reloaded, Hessian time not comparable
+    # Ĥ reloaded from oac_cache_dir for this many blocks (passes): the Hessian time is then not its cost
+    row["hessian_cache_hits"] = _get(result, "hessian.stats.cache_hits")
+    row["hessian_cache_misses"] = _get(result, "hessian.stats.cache_misses")
     row["config_hash"] = result.get("config_hash") or (config_hash(cfg) if cfg else None)
     row["group"] = group_key(cfg) if cfg else row["config_hash"]
     row["pair"] = pair_key(cfg) if cfg else row["config_hash"]
