@@ -148,7 +148,7 @@ class BlockCheckpoint:
         self.write_block(k, [r["name"] for r in state.layers if r["block"] == k])
         if not self.resumable:
             return
-        src = {a: v for a, v in vars(self.source).items() if _plain(v)} if self.source is not None else {}
+        src = source_state(self.source)
         ckpt = {"block": k, "inps": inps.detach().cpu(), "state": dataclasses.asdict(state),
                 "config_hash": self.cfg_hash, "calib_checksum": self.calib_checksum,
                 "rng": torch.get_rng_state(), "source": src}
@@ -169,8 +169,7 @@ class BlockCheckpoint:
         for j in range(k + 1):
             self.restore_block(j)
         torch.set_rng_state(ckpt["rng"])
-        if self.source is not None:
-            vars(self.source).update(ckpt.get("source", {}))
+        restore_source_state(self.source, ckpt.get("source", {}))
         log.info("resuming from %s: blocks 0..%d restored, continuing at block %d", self.path, k, k + 1)
         return {"block": k + 1, "inps": ckpt["inps"], "state": PipelineState(**ckpt["state"])}
 
@@ -181,6 +180,25 @@ class BlockCheckpoint:
         for lin in self.adapter.linears(self.adapter.blocks[k]).values():
             w = saved[f"{self._names[id(lin)]}.weight"]
             lin.weight.data.copy_(w.to(lin.weight.device, lin.weight.dtype))
+
+
+def _state_keys(source) -> list[str]:
+    """The attributes of a Hessian source that are run state (``RESUME_STATE``; default: every plain attribute).
+    Options (``cache_dir``, ``refresh``, ...) come from the job config, never from a checkpoint."""
+    keys = getattr(source, "RESUME_STATE", None)
+    return [a for a in vars(source) if keys is None or a in keys]
+
+
+def source_state(source) -> dict:
+    if source is None:
+        return {}
+    return {a: getattr(source, a) for a in _state_keys(source) if _plain(getattr(source, a))}
+
+
+def restore_source_state(source, saved: dict) -> None:
+    if source is not None:
+        keys = set(_state_keys(source))
+        vars(source).update({a: v for a, v in saved.items() if a in keys})
 
 
 def make_checkpoint(cfg: DictConfig, adapter, out_dir, *, calib_checksum: str | None = None, source=None,

@@ -103,3 +103,18 @@ def test_saved_model_reloads_with_same_perplexity(compose, reference, shared_dir
     assert res["model"] == "stories260k" and res["method"] == "gptq"
     assert res["ppl"] == ref["ppl"] and res["bits_full"] == ref["bits_full"]
     assert "calib_hessian" not in res["time_s"]
+
+
+def test_resume_restores_source_state_not_options():
+    """A resumed OAC job keeps the options of its (possibly changed) config, e.g. a new cache_dir, and gets
+    back only the run state (dynamic loss scale, Ĥ computed ahead, counters)."""
+    from oac.hessian.output_adaptive import OutputAdaptiveHessian
+    from oac.resume import restore_source_state, source_state
+
+    old = OutputAdaptiveHessian(cache_dir="/old/cache", loss_scale="dynamic")
+    old._scale, old.stats["passes"] = 512.0, 7
+    saved = source_state(old)
+    assert "cache_dir" not in saved and saved["_scale"] == 512.0
+    new = OutputAdaptiveHessian(cache_dir="/new/cache", loss_scale="dynamic")
+    restore_source_state(new, {**saved, "cache_dir": "/old/cache"})  # a checkpoint that still holds the option
+    assert new.cache_dir == "/new/cache" and new._scale == 512.0 and new.stats["passes"] == 7

@@ -116,6 +116,9 @@ class OutputAdaptiveHessian:
     name = "output_adaptive"
     supports_groups = False  # all linears of a block come from one gradient pass (C5)
 
+    # what a checkpoint saves and a resume restores (oac/resume.py); options always come from the job config
+    RESUME_STATE = ("_scale", "_pending", "_last_k", "forms", "stats")
+
     def __init__(
         self,
         product: str | None = None,
