@@ -18,7 +18,7 @@ LAUNCHER ?= basic
 EXP_SUFFIX := $(if $(filter cpu,$(SCALE)),_cpu,)
 LAUNCH_ARG := $(if $(filter slurm,$(LAUNCHER)),hydra/launcher=slurm,)
 ARGS ?=
-SWEEP = $(PY) -m experiments.run -m +experiment=$(1) $(LAUNCH_ARG) $(ARGS)
+SWEEP = $(PY) -m experiments.run -m experiment=$(1) $(LAUNCH_ARG) $(ARGS)
 
 setup: $(STAMP)
 

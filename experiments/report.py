@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from oac.results import RESULT_FILE
+from oac.jobdir import RESULT_FILE
 from experiments.seeds import missing_markdown, paired, paired_markdown, seed_summary, summary_markdown
 from oac.rows import BITS, group_key, result_row  # noqa: F401  (result_row: public API)
 
@@ -39,8 +39,6 @@ PAPER_SCALE = {"calib_nsamples": 128, "calib_seqlen": 2048, "eval_seqlen": 2048}
 # our perplexity dataset -> (reference dataset, protocols that match it exactly)
 DATASET_MAP = {"wikitext2": ("wikitext2", {"wikitext2@2048"}), "c4-new": ("c4", {"c4-new"}),
                "c4": ("c4", {"c4-old"}), "ptb-new": ("ptb", {"ptb-new"}), "ptb": ("ptb", {"ptb"})}
-BINARY = {"billm", "oac_billm"}
-METHOD_ORDER = ["fp16", "rtn", "gptq", "oac_gptq", "spqr", "oac_spqr", "billm", "oac_billm"]
 
 
 # ------------------------------------------------------------------------------------------- rows
@@ -64,7 +62,7 @@ def runs_frame(root: str | Path) -> pd.DataFrame:
 
 
 def _label(row) -> str:
-    if row["method"] == "fp16" or row["method"] in BINARY or pd.isna(row.get("wbits")):
+    if row["method"] == "fp16" or pd.isna(row.get("wbits")):  # fp16 and binary methods (no bit-width setting)
         return str(row["method"])
     return f"{row['method']} w{int(row['wbits'])}"
 
@@ -101,7 +99,7 @@ def aggregate(runs: pd.DataFrame, configs: dict[str, dict]) -> pd.DataFrame:
         return pd.DataFrame()
     done["label"] = done.apply(_label, axis=1)
     metrics = [c for c in done.columns if c.startswith(METRIC_PREFIXES)]
-    ident = ["table", "model", "method", "backbone", "wbits", "groupsize", "label", "calib_dataset", "calib_nsamples",
+    ident = ["table", "model", "method", "backbone", "order", "wbits", "groupsize", "label", "calib_dataset", "calib_nsamples",
              "calib_seqlen", "eval_seqlen", "max_windows", "device"]
     rows = []
     for g, sub in done.groupby("group", sort=False):
@@ -136,12 +134,11 @@ def load_refs(paper_dir: str | Path) -> pd.DataFrame:
 def _nominal(method: str, bits_label: str) -> float | None:
     if method == "fp16":
         return 16.0
-    if method in BINARY:
-        return 1.0
     try:
-        return float(str(bits_label).split()[0])
+        v = float(str(bits_label).split()[0])
     except ValueError:
         return None
+    return 1.0 if v < 1.5 else v  # binary methods report ~1.1 average bits
 
 
 def _ref_match(refs: pd.DataFrame, row) -> tuple[pd.DataFrame, set]:
@@ -163,7 +160,7 @@ def join_refs(long: pd.DataFrame, refs: pd.DataFrame) -> pd.DataFrame:
         m, protocols = _ref_match(refs, row)
         table = str(row["table"]).removesuffix("_cpu")
         paper = m[m["table"] == table]
-        wb = 16.0 if row["method"] == "fp16" else 1.0 if row["method"] in BINARY else row["wbits"]
+        wb = 16.0 if row["method"] == "fp16" else 1.0 if pd.isna(row["wbits"]) else row["wbits"]
         lit = m[(m["table"] == "literature") & (m["value"].notna())]
         lit = lit[[_nominal(a, b) == wb and "g128" not in str(b) for a, b in zip(lit["method"], lit["bits_label"])]]
         if not lit.empty:
@@ -201,10 +198,8 @@ def _fmt(v, std=None, n=None) -> str:
 
 
 def _pivot(long: pd.DataFrame, cell) -> pd.DataFrame:
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
     firsts = long.drop_duplicates("label")
-    labels = [lab for _, lab in sorted(zip([order.get(m, len(order)) for m in firsts["method"]], firsts["label"]),
-                                       key=lambda t: t[0])]
+    labels = [lab for _, lab in sorted(zip(firsts["order"], firsts["label"]), key=lambda t: tuple(t[0]))]
     datasets = list(dict.fromkeys(long["dataset"]))
     models = list(dict.fromkeys(long["model"]))
     data = {}
@@ -238,15 +233,20 @@ def _ref_cell(r) -> str:
 
 def markdown(table: str, long: pd.DataFrame, runs: pd.DataFrame, pairs: pd.DataFrame | None = None,
              summary: pd.DataFrame | None = None) -> str:
-    cmd = f"python -m experiments.run -m +experiment={table}" if (
+    cmd = f"python -m experiments.run -m experiment={table}" if (
         Path(__file__).resolve().parents[1] / "configs" / "experiment" / f"{table}.yaml").exists() else None
     lines = [f"# {table}", ""]
     if cmd:
         lines += [f"Produced by `{cmd}` then `python -m experiments.report`.", ""]
     failed = runs[runs["status"] != "complete"]
     if len(failed):
-        lines += [f"{len(failed)} job(s) not complete: " + ", ".join(
-            f"{m}/{me} ({s})" for m, me, s in zip(failed["model"], failed["method"], failed["status"])), ""]
+        lines += [f"{len(failed)} job(s) not complete:", ""]
+        for _, r in failed.iterrows():
+            ov = r.get("overrides") if isinstance(r.get("overrides"), str) and r.get("overrides") else None
+            err = r.get("error") if isinstance(r.get("error"), str) else None
+            lines.append(f"- {r['model']}/{r['method']} **{r['status']}**" + (f" — `{ov}`" if ov else "")
+                         + (f": {err}" if err else "") + (f" ({r['job_dir']})" if r.get("job_dir") else ""))
+        lines.append("")
     if long.empty:
         return "\n".join(lines + ["No complete results yet.", ""])
     first = long.iloc[0]

@@ -46,13 +46,13 @@ def _seed_int(s) -> int | None:
 
 def _expected_seeds(runs: pd.DataFrame) -> dict[str, set[int]]:
     """Per table: every calibration seed seen in a calibrated job of the table."""
-    calibrated = runs[runs["hessian"].notna()] if "hessian" in runs else runs
+    calibrated = runs[runs["calibrated"].astype(bool)] if "calibrated" in runs else runs
     return {t: {s for s in map(_seed_int, sub["calib_seed"]) if s is not None}
             for t, sub in calibrated.groupby("table")}
 
 
 def _missing(sub: pd.DataFrame, expected: set[int]) -> list[int]:
-    if "hessian" in sub and sub["hessian"].isna().all():
+    if "calibrated" in sub and not sub["calibrated"].astype(bool).any():
         return []
     done = {_seed_int(s) for s in sub.loc[sub["status"] == "complete", "calib_seed"]}
     return sorted(expected - done)
@@ -91,9 +91,10 @@ def paired(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (OAC configuration, quality metric) that has a backbone configuration in the same table."""
     expected = _expected_seeds(runs)
     rows = []
-    is_oac = runs["hessian"] == "output_adaptive"
+    is_oac = runs["variant"].astype(bool)  # a calibrated non-baseline source (oac.hessian registry)
     for (table, pair), sub in runs.groupby(["table", "pair"], sort=False):
-        oac_all, bb_all = sub[is_oac.loc[sub.index]], sub[~is_oac.loc[sub.index]]
+        baseline = sub["calibrated"].astype(bool) & ~is_oac.loc[sub.index]  # the layer-wise backbone
+        oac_all, bb_all = sub[is_oac.loc[sub.index]], sub[baseline]
         if oac_all.empty or bb_all.empty:
             continue
         for og, oac_sub in oac_all.groupby("group", sort=False):

@@ -18,4 +18,4 @@ def compose_config(overrides: list[str]):
 def run_overrides(overrides: list[str], out_dir: str | os.PathLike) -> dict:
     from oac.job import run_job
 
-    return run_job(compose_config(overrides), out_dir)
+    return run_job(compose_config(overrides), out_dir, overrides=list(overrides))

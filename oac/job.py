@@ -1,5 +1,8 @@
 """One job: load a model, calibrate and quantize it, evaluate it, write result.json.
 
+    validate (typed method, data files: no model)  →  load  →  check shapes  →  quantize block by block
+    →  evaluate  →  result.json (status running → complete | failed)
+
 ``experiments/run.py`` is the thin Hydra entry point around :func:`run_job`.
 """
 
@@ -10,24 +13,25 @@ import math
 import os
 import resource
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from oac import solvers
+from oac import method as methods
 from oac.data.text import check_available
 from oac.data.tokens import CALIB_DATASETS, PPL_DATASETS, calibration_windows, eval_source, eval_stream, ids_checksum
 from oac.errors import ConfigError
 from oac.eval.perplexity import perplexity
+from oac.jobdir import JobDir
+from oac.jobdir.record import versions
 from oac.models import Adapter, family_of, load_model, model_fingerprint
 from oac.pipeline import aggregate_bits, quantize_model
-from oac.resume import clear_checkpoint, completed_result, config_hash, make_checkpoint
-from oac.results import RESULT_FILE, write_json_atomic, versions
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_WBITS = {"rtn": range(1, 9), "gptq": range(1, 9), "spqr": range(1, 9)}
+
+class ResultError(RuntimeError):
+    """A job produced a number that cannot be reported (NaN/Inf): the job fails instead of completing."""
 
 
 def resolve_device(name: str) -> str:
@@ -38,32 +42,18 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def make_hessian_source(method: DictConfig):
-    kind = method.get("hessian")
-    if kind == "layerwise":
-        from oac.hessian.layerwise import LayerwiseHessian
-
-        return LayerwiseHessian()
-    if kind == "output_adaptive":
-        from oac.hessian.output_adaptive import OutputAdaptiveHessian
-
-        return OutputAdaptiveHessian(**OmegaConf.to_container(method.get("oac") or {}, resolve=True))
-    raise ConfigError(f"method {method.name!r}: unknown hessian source {kind!r} (layerwise | output_adaptive | null)")
-
-
-def validate(cfg: DictConfig) -> None:
-    """Cheap checks that must fail in seconds, before any model or data is loaded."""
-    m = cfg.method
-    if m.get("solver"):
-        scfg = solvers.make_config(m.solver, OmegaConf.to_container(m, resolve=True))
-        wb = getattr(scfg, "wbits", None)
-        if wb is not None and m.solver in SUPPORTED_WBITS and wb not in SUPPORTED_WBITS[m.solver]:
-            raise ConfigError(f"method {m.name!r}: unsupported bit-width wbits={wb} (supported: 1..8)")
-        if m.get("hessian"):
-            make_hessian_source(m)  # validates the source and its options (cheap: no model work)
-            if cfg.calib.dataset not in CALIB_DATASETS:
-                raise ConfigError(f"unknown calibration dataset {cfg.calib.dataset!r}; known: {sorted(CALIB_DATASETS)}")
-            check_available(CALIB_DATASETS[cfg.calib.dataset], cfg.paths.data_dir)
+def validate(cfg: DictConfig) -> methods.Method:
+    """Every check that needs no model, in milliseconds: the typed method (solver settings, Hessian-source
+    options and their combination), calibration and evaluation data. Returns the resolved method."""
+    m = methods.resolve(cfg.method)
+    if m.calibrated:
+        if cfg.calib.dataset not in CALIB_DATASETS:
+            raise ConfigError(f"unknown calibration dataset {cfg.calib.dataset!r}; known: {sorted(CALIB_DATASETS)}")
+        if isinstance(cfg.calib.nsamples, bool) or not isinstance(cfg.calib.nsamples, int) or cfg.calib.nsamples < 1:
+            raise ConfigError(f"calib.nsamples must be an integer >= 1, got {cfg.calib.nsamples!r}")
+        if isinstance(cfg.calib.seqlen, bool) or not isinstance(cfg.calib.seqlen, int) or cfg.calib.seqlen < 2:
+            raise ConfigError(f"calib.seqlen must be an integer >= 2, got {cfg.calib.seqlen!r}")
+        check_available(CALIB_DATASETS[cfg.calib.dataset], cfg.paths.data_dir)
     for d in cfg.eval.ppl.datasets:
         if d not in PPL_DATASETS:
             raise ConfigError(f"unknown perplexity dataset {d!r}; known: {list(PPL_DATASETS)}")
@@ -73,22 +63,24 @@ def validate(cfg: DictConfig) -> None:
 
         zeroshot.resolve_modes(zeroshot.resolve_tasks(list(cfg.eval.zeroshot.tasks)), cfg.eval.zeroshot.mode,
                                cfg.paths.data_dir)
+    return m
 
 
-def validate_shapes(adapter: Adapter, scfg) -> None:
-    """Group sizes must divide every quantized layer (checked on the loaded model, before calibration)."""
+def validate_model(cfg: DictConfig, adapter: Adapter, m: methods.Method) -> None:
+    """Checks that need the loaded model (before any calibration work): layer shapes the solver cannot handle,
+    non-finite weights (every method, fp16 and eval-only jobs too), calibration windows within the context."""
+    ctx = getattr(adapter.model.config, "max_position_embeddings", None)
+    if m.calibrated and ctx and cfg.calib.seqlen > ctx:
+        raise ConfigError(f"calib.seqlen={cfg.calib.seqlen} exceeds the model's context ({ctx} tokens)")
     for k, block in enumerate(adapter.blocks):
         for name, lin in adapter.linears(block).items():
             d_out, d_in = lin.weight.shape
-            g = getattr(scfg, "groupsize", -1)
-            if g not in (-1, 0, None) and d_in % g:
-                raise ConfigError(f"groupsize={g} does not divide d_in={d_in} of block {k} {name} "
-                                  f"(shape {d_out}x{d_in}); choose a divisor or -1 (per-channel)")
-            qg = getattr(scfg, "qq_groupsize", None)
-            if qg and getattr(scfg, "qq_scale_bits", None) is not None and d_out % qg:
-                raise ConfigError(f"qq_groupsize={qg} does not divide d_out={d_out} of block {k} {name}")
+            try:
+                m.check_shape(d_out, d_in)
+            except ConfigError as e:
+                raise ConfigError(f"block {k} {name} ({d_out}x{d_in}): {e}") from None
             if not torch.isfinite(lin.weight).all():
-                raise ConfigError(f"block {k} {name}: weight contains NaN/Inf; refusing to quantize")
+                raise ConfigError(f"block {k} {name}: weight contains NaN/Inf; refusing to quantize or evaluate")
 
 
 def peak_mem_gb(device: str) -> dict:
@@ -98,46 +90,62 @@ def peak_mem_gb(device: str) -> dict:
     return out
 
 
-def run_job(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
-    """Run one job and write ``out_dir/result.json``. Raises on failure (after writing a failed record)."""
-    out_dir = Path(out_dir)
+def run_job(cfg: DictConfig, out_dir: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """Run one job and write ``out_dir/result.json``. Raises on failure (after writing a failed record).
+    ``overrides``: the command-line overrides that made ``cfg`` (recorded, to name the job in summaries)."""
     if cfg.get("quantized_from"):  # eval-only: model, method, calib of the saved job
-        from oac.checkpoint import with_saved_config
+        from oac.jobdir.saved import with_saved_config
 
         cfg = with_saved_config(cfg)
-    if cfg.get("skip_complete", True) and (done := completed_result(cfg, out_dir)) is not None:
+    m = validate(cfg)  # before anything is written or loaded
+    job = JobDir(out_dir, cfg)
+    if cfg.get("skip_complete", True) and (done := job.completed()) is not None:
         log.info("skipped: complete (%s)", out_dir)
-        return done
+        return {**done, "skipped": True}
     t_start = time.perf_counter()
-    result = {"status": "running", "model": cfg.model.name, "method": cfg.method.name,
+    result = {"status": "running", "model": cfg.model.name, "method": m.name,
               "wbits": cfg.method.get("wbits"), "groupsize": cfg.method.get("groupsize"), "tag": cfg.get("tag"),
-              "config": OmegaConf.to_container(cfg, resolve=True), "config_hash": config_hash(cfg),
-              "versions": versions(), "ppl": {}, "zeroshot": {}, "time_s": {}}
+              "config": OmegaConf.to_container(cfg, resolve=True), "config_hash": job.hash,
+              "overrides": list(overrides or []), "versions": versions(), "ppl": {}, "zeroshot": {}, "time_s": {}}
+    job.begin(result)  # lock (or JobLocked) + status running
+    ok = False
     try:
-        _run(cfg, result, out_dir)
+        _run(cfg, m, result, job)
+        check_finite_result(result)
         result["status"] = "complete"
+        ok = True
     except BaseException as e:
         result["status"] = "failed"
-        result["error"] = f"{type(e).__name__}: {e}"
+        result["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
         raise
     finally:
         result["time_s"]["total"] = time.perf_counter() - t_start
         result["peak_mem_gb"] = peak_mem_gb(result.get("device", "cpu"))
-        write_json_atomic(out_dir / RESULT_FILE, result)
-        from oac.logger import log_job
+        try:
+            job.write(result)
+            from oac.logger import log_job
 
-        log_job(cfg, result, out_dir)
-    clear_checkpoint(out_dir, keep_blocks=bool(cfg.get("save")))
+            log_job(cfg, result, out_dir)
+        finally:
+            job.end(keep_blocks=bool(cfg.get("save")), clear=ok)
     return result
 
 
-def _run(cfg: DictConfig, result: dict, out_dir: Path | None = None) -> None:
+def check_finite_result(result: dict) -> None:
+    """A NaN/Inf metric is a failure, never a result."""
+    bad = [f"ppl[{k}]" for k, v in result.get("ppl", {}).items() if not math.isfinite(v)]
+    for task, entry in ((result.get("zeroshot") or {}).get("tasks") or {}).items():
+        bad += [f"zeroshot[{task}].{k}" for k, v in entry.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise ResultError(f"non-finite metric(s): {', '.join(bad)}")
+
+
+def _run(cfg: DictConfig, m: methods.Method, result: dict, job: JobDir) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
-    validate(cfg)
     device = resolve_device(cfg.device)
     result["device"] = device if device == "cpu" else f"{device}:{torch.cuda.get_device_name()}"
     t = time.perf_counter()
@@ -151,58 +159,43 @@ def _run(cfg: DictConfig, result: dict, out_dir: Path | None = None) -> None:
                             "fingerprint": model_fingerprint(model), "n_quantized_weights": adapter.n_quantizable_weights()}
     result["tokenizer"] = {"class": type(tok).__name__, "add_bos_token": getattr(tok, "add_bos_token", None),
                            "vocab": len(tok)}
-    method = cfg.method
     if cfg.get("quantized_from"):
-        from oac.checkpoint import restore_into_job
+        from oac.jobdir.saved import restore_into_job
 
         restore_into_job(cfg, model, result)
-    elif method.get("solver"):
-        _quantize(cfg, adapter, tok, device, result, out_dir)
+        validate_model(cfg, adapter, methods.resolve({"name": m.name}))  # the saved weights must be finite too
+    elif m.quantizes:
+        validate_model(cfg, adapter, m)
+        _quantize(cfg, m, adapter, tok, device, result, job)
     else:
+        validate_model(cfg, adapter, m)
         result.update({"bits_nominal": 16.0, "bits_reported": 16.0, "bits_full": 16.0, "avg_bits": 16.0})
     if device != "cpu":
         model.to(device)
     _evaluate(cfg, model, tok, device, result)
 
 
-def _quantize(cfg, adapter, tok, device, result, out_dir: Path | None = None) -> None:
-    method = cfg.method
-    params = OmegaConf.to_container(method, resolve=True)
-    scfg = solvers.make_config(method.solver, params)
-    solve, _ = solvers.get_solver(method.solver)
-    validate_shapes(adapter, scfg)
-    result["solver_config"] = vars(scfg) if hasattr(scfg, "__dict__") else {}
-    t = time.perf_counter()
-    if not method.get("hessian"):  # RTN: no calibration, each layer independently
-        writer = make_checkpoint(cfg, adapter, out_dir, calibrated=False)  # save=true: block files
-        solve = writer.wrap(solve) if writer else solve
-        layers = []
-        for k, block in enumerate(adapter.blocks):
-            for name, lin in adapter.linears(block).items():
-                res = solve(lin.weight.data.float(), None, scfg)
-                lin.weight.data = res.weight.to(lin.weight.dtype)
-                rec = {"block": k, "name": name, "shape": list(lin.weight.shape)}
-                rec.update({a: b for a, b in res.stats.items() if isinstance(b, (int, float, str, bool))})
-                layers.append(rec)
-            if writer:
-                writer.write_block(k)
-        result["time_s"]["solve"] = time.perf_counter() - t
-    else:
+def _quantize(cfg: DictConfig, m: methods.Method, adapter, tok, device, result, job: JobDir) -> None:
+    result["solver_config"] = vars(m.solver_config)
+    source = m.build_source()
+    calib = None
+    if m.calibrated:
         calib = calibration_windows(tok, cfg.calib, data_dir=cfg.paths.data_dir, cache_dir=cfg.paths.cache_dir)
         result["calibration"] = {**OmegaConf.to_container(cfg.calib, resolve=True), "checksum": ids_checksum(calib),
                                  "n_tokens": calib.numel()}
-        source = make_hessian_source(method)
-        ckpt = make_checkpoint(cfg, adapter, out_dir, calib_checksum=result["calibration"]["checksum"], source=source)
-        state = quantize_model(adapter, calib, source, ckpt.wrap(solve) if ckpt else solve, scfg, device=device,
-                               true_sequential=bool(method.get("true_sequential", False)), offload=cfg.offload,
-                               batch_size=cfg.calib_batch_size, act_device=cfg.get("act_device"),
-                               on_block_done=ckpt.on_block_done if ckpt else None,
-                               resume=ckpt.resume() if ckpt else None)
-        result["resumed_from_block"] = state.start_block or None
-        layers = state.layers
-        result["hessian"] = source.record()
-        result["time_s"].update({f"calib_{k}": v for k, v in state.time_s.items()})
-        result["time_s"]["quantize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ckpt = job.block_writer(adapter, calibrated=m.calibrated, source=source,
+                            calib_checksum=(result.get("calibration") or {}).get("checksum"))
+    solve = ckpt.wrap(m.solver.solve) if ckpt else m.solver.solve
+    state = quantize_model(adapter, calib, source, solve, m.solver_config, device=device,
+                           true_sequential=m.true_sequential, offload=cfg.offload, batch_size=cfg.calib_batch_size,
+                           act_device=cfg.get("act_device"), on_block_done=ckpt.on_block_done if ckpt else None,
+                           resume=ckpt.resume() if ckpt else None)
+    result["resumed_from_block"] = state.start_block or None
+    result["hessian"] = source.record()
+    result["time_s"].update({f"calib_{k}": v for k, v in state.time_s.items()})
+    result["time_s"]["quantize"] = time.perf_counter() - t
+    layers = state.layers
     result["layers"] = layers
     bits = aggregate_bits(layers)
     result.update(bits)
@@ -211,10 +204,8 @@ def _quantize(cfg, adapter, tok, device, result, out_dir: Path | None = None) ->
     if damp:
         result["damping"] = {"max_percdamp_used": max(damp),
                              "layers_with_retries": sum(1 for r in layers if r.get("damp_retries", 0) > 0)}
-    if cfg.get("save") and out_dir is not None:
-        from oac.checkpoint import write_manifest
-
-        write_manifest(out_dir, cfg, result, adapter.model)
+    if cfg.get("save"):
+        job.save_manifest(result, adapter.model)
 
 
 def _evaluate(cfg, model, tok, device, result) -> None:
@@ -249,6 +240,5 @@ def _evaluate(cfg, model, tok, device, result) -> None:
             max_length=zcfg.max_length or cfg.model.seqlen,
             work_dir=os.path.join(cfg.paths.cache_dir, "lm_eval"))
         result["time_s"]["eval_zeroshot"] = time.perf_counter() - t
-    for v in result["ppl"].values():
-        if not math.isfinite(v):
-            log.warning("non-finite perplexity")
+
+

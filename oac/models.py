@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from oac.errors import ConfigError
 
@@ -98,6 +98,32 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
 
 # ---------------------------------------------------------------------------------------------
 # loading
+
+
+def fit_kwargs(kwargs: dict, n: int) -> dict:
+    """Captured kwargs carry the capture batch size; fit batch-leading tensors to a batch of n windows.
+
+    n < capture batch (a smaller last batch): slice. n > capture batch (e.g. OAC's grad_batch_size
+    larger than the pipeline's batch_size): repeat row 0 — valid because calibration windows have no
+    padding, so every row of a captured mask / position tensor is the same.
+    """
+    bs = kwargs.get("_capture_batch", n)
+    if n == bs:
+        return {k: v for k, v in kwargs.items() if k != "_capture_batch"}
+
+    def fit(t: Tensor) -> Tensor:
+        return t[:n] if n < bs else t[:1].expand(n, *t.shape[1:])
+
+    out = {}
+    for k, v in kwargs.items():
+        if k == "_capture_batch":
+            continue
+        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == bs:
+            v = fit(v)
+        elif isinstance(v, tuple) and all(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == bs for t in v):
+            v = tuple(fit(t) for t in v)
+        out[k] = v
+    return out
 
 
 def _package_dir(package: str) -> Path:

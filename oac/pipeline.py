@@ -23,8 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from oac.hessian.base import BlockContext
-from oac.hessian.layerwise import fit_kwargs
-from oac.models import Adapter, run_block
+from oac.models import Adapter, fit_kwargs, run_block
 from oac.solvers.common import check_finite
 
 log = logging.getLogger(__name__)
@@ -108,16 +107,22 @@ def quantize_model(
 ) -> PipelineState:
     """Quantize every linear of every decoder block in place. Returns per-layer stats and timings.
 
-    ``on_block_done(k, state, inps)`` is called after block k is finished (checkpointing);
-    ``resume`` = {"block": k, "inps": Tensor, "state": PipelineState} restarts at block k.
+    One loop for every method: a source that is not ``calibrated`` (RTN's "no Hessian") gets no calibration
+    data, so nothing is caught or propagated and the solver is called with ``H = None``.
+    ``on_block_done(k, state, inps)`` is called after block k is finished (checkpointing; ``inps`` None
+    without calibration); ``resume`` = {"block": k, "inps": Tensor | None, "state": PipelineState} restarts at k.
     """
     state = PipelineState()
-    t0 = time.perf_counter()
-    inps, kwargs = catch_block_inputs(adapter, calib_ids, device, batch_size=batch_size, act_device=act_device)
-    state.time_s["catch"] += time.perf_counter() - t0
+    calibrated = getattr(source, "calibrated", True)
+    inps, kwargs = None, {}
+    if calibrated:
+        t0 = time.perf_counter()
+        inps, kwargs = catch_block_inputs(adapter, calib_ids, device, batch_size=batch_size, act_device=act_device)
+        state.time_s["catch"] += time.perf_counter() - t0
     if resume is not None:
         state = resume["state"]
-        inps = resume["inps"].to(inps.device, inps.dtype)
+        if inps is not None:
+            inps = resume["inps"].to(inps.device, inps.dtype)
         state.start_block = resume["block"]
     blocks = adapter.blocks
     for k in tqdm(range(state.start_block, len(blocks)), desc="blocks", initial=state.start_block,
@@ -146,9 +151,10 @@ def quantize_model(
                 rec.update({key: v for key, v in res.stats.items() if isinstance(v, (int, float, str, bool))})
                 state.layers.append(rec)
                 del H, res
-        t = time.perf_counter()
-        inps = propagate(block, inps, kwargs, device, batch_size)
-        state.time_s["propagate"] += time.perf_counter() - t
+        if calibrated:
+            t = time.perf_counter()
+            inps = propagate(block, inps, kwargs, device, batch_size)
+            state.time_s["propagate"] += time.perf_counter() - t
         if offload and str(device) != "cpu":
             blocks[k].to("cpu")
         if on_block_done is not None:

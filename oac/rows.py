@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from oac.resume import config_hash
+from oac import hessian, solvers
+from oac.jobdir import config_hash, job_state
+from oac.method import source_keys
 
 BITS = ["bits_nominal", "bits_reported", "bits_full", "avg_bits", "outlier_fraction", "salient_fraction"]
 
@@ -26,7 +28,7 @@ def result_row(result: dict, job_dir: str | Path | None = None) -> dict:
         "table": result.get("tag") or "adhoc",
         "model": result.get("model"),
         "method": method,
-        "backbone": _get(cfg, "method.backbone") or (method[4:] if method and method.startswith("oac_") else method),
+        "backbone": _get(cfg, "method.backbone") or _get(cfg, "method.solver") or method,
         "wbits": result.get("wbits"),
         "groupsize": result.get("groupsize"),
         "calib_dataset": _get(cfg, "calib.dataset"),
@@ -36,7 +38,8 @@ def result_row(result: dict, job_dir: str | Path | None = None) -> dict:
         "eval_seqlen": _get(cfg, "eval.ppl.seqlen"),
         "max_windows": _get(cfg, "eval.ppl.max_windows"),
         "device": str(result.get("device", "")).split(":")[0],
-        "status": result.get("status"),
+        "status": job_state(result, job_dir) if job_dir is not None else result.get("status"),
+        "error": result.get("error"),
     }
     row.update({k: result.get(k) for k in BITS})
     row.update({f"ppl:{k}": v for k, v in (result.get("ppl") or {}).items()})
@@ -55,7 +58,12 @@ def result_row(result: dict, job_dir: str | Path | None = None) -> dict:
     row["config_hash"] = result.get("config_hash") or (config_hash(cfg) if cfg else None)
     row["group"] = group_key(cfg) if cfg else row["config_hash"]
     row["pair"] = pair_key(cfg) if cfg else row["config_hash"]
+    row["solver"] = _get(cfg, "method.solver")
     row["hessian"] = _get(cfg, "method.hessian")
+    row["calibrated"] = hessian.is_calibrated(row["hessian"])
+    row["variant"] = hessian.is_variant(row["hessian"])  # paired with its layer-wise backbone in the report
+    row["order"] = method_order(row["solver"], row["hessian"])
+    row["overrides"] = overrides_of(result)
     row["job_dir"] = str(job_dir) if job_dir is not None else None
     return row
 
@@ -67,17 +75,33 @@ def group_key(cfg: dict) -> str:
     return config_hash(cfg)
 
 
-# method keys that name the Hessian source rather than the solver: an OAC method and its backbone differ only here
-HESSIAN_SOURCE_KEYS = ("name", "hessian", "oac", "backbone", "description", "true_sequential")
+def method_order(solver: str | None, source: str | None) -> tuple[int, int]:
+    """Table order of a method: by solver (RTN, GPTQ, SpQR, BiLLM, ...), then by Hessian source; fp16 first."""
+    try:
+        s = solvers.get(solver).order if solver else 0
+    except Exception:
+        s = 1000
+    try:
+        h = hessian.get(source).order
+    except Exception:
+        h = 1000
+    return (s, h)
+
+
+def overrides_of(result: dict) -> str | None:
+    """The job's command-line overrides (``result.json`` ``overrides``), naming it in failure summaries."""
+    ov = result.get("overrides")
+    return " ".join(ov) if isinstance(ov, list) else ov
 
 
 def pair_key(cfg: dict) -> str:
     """Identity up to the calibration seed and the Hessian source: OAC-X and X with the same solver settings,
-    model, calibration and evaluation share it (``true_sequential`` is dropped: it does not apply to OAC)."""
+    model, calibration and evaluation share it (``true_sequential`` is dropped: it does not apply to OAC).
+    The source's keys come from the registry (``oac.method.source_keys``)."""
     cfg = json.loads(json.dumps(cfg))
     cfg.get("calib", {}).pop("seed", None)
     cfg.pop("tag", None)
     method = cfg.get("method") or {}
-    for k in HESSIAN_SOURCE_KEYS:
+    for k in source_keys():
         method.pop(k, None)
     return config_hash(cfg)

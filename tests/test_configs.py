@@ -50,11 +50,11 @@ def test_every_config_composes(hydra_compose):
             cfg = hydra_compose([f"{group}={name}"])
             assert cfg[group] is not None, (group, name)
     for name in _names("setting"):
-        assert hydra_compose([f"+setting={name}"]).method.name == SETTING_METHOD[name]
+        assert hydra_compose([f"setting={name}"]).method.name == SETTING_METHOD[name]
     assert set(_names("experiment")) == set(EXPECTED)
     for name in _names("experiment"):
-        assert hydra_compose([f"+experiment={name}"]).tag == name
-    cfg = hydra_compose(["hydra/launcher=slurm", "+experiment=table1"], hydra=True)
+        assert hydra_compose([f"experiment={name}"]).tag == name
+    cfg = hydra_compose(["hydra/launcher=slurm", "experiment=table1"], hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.gpus_per_node == 1
     assert launcher.submitit_folder.startswith(str(cfg.hydra.sweep.dir))
@@ -63,10 +63,10 @@ def test_every_config_composes(hydra_compose):
 
 def expand(hydra_compose, experiment: str):
     """The job override lists Hydra's BasicSweeper would launch, and the hydra config of the sweep."""
-    hcfg = hydra_compose([f"+experiment={experiment}"], hydra=True).hydra
+    hcfg = hydra_compose([f"experiment={experiment}"], hydra=True).hydra
     params = [f"{k}={v}" for k, v in hcfg.sweeper.params.items()]
     parser = OverridesParser.create()
-    [jobs] = BasicSweeper.split_arguments(parser.parse_overrides([f"+experiment={experiment}", *params]), None)
+    [jobs] = BasicSweeper.split_arguments(parser.parse_overrides([f"experiment={experiment}", *params]), None)
     return jobs, hcfg
 
 
@@ -89,8 +89,8 @@ def test_sweep_expands_to_expected_jobs(hydra_compose, experiment):
         kv = dict(o.split("=", 1) for o in job)
         assert cfg.tag == experiment and cfg.model.name == kv["model"]
         if settings:
-            assert cfg.method.name == SETTING_METHOD[kv["+setting"]]
-            if "_w2" in kv["+setting"]:
+            assert cfg.method.name == SETTING_METHOD[kv["setting"]]
+            if "_w2" in kv["setting"]:
                 assert cfg.method.wbits == 2
             if "calib.seed" in kv:
                 assert cfg.calib.seed == int(kv["calib.seed"])
@@ -108,16 +108,16 @@ def test_oac_settings_pair_with_their_backbone(hydra_compose, oac, backbone):
 
     from oac.rows import pair_key
 
-    a, b = ({k: v for k, v in OmegaConf.to_container(hydra_compose(["+experiment=main_cpu", f"+setting={s}"]),
+    a, b = ({k: v for k, v in OmegaConf.to_container(hydra_compose(["experiment=main_cpu", f"setting={s}"]),
                                                        resolve=True).items()} for s in (oac, backbone))
     assert a["method"]["hessian"] == "output_adaptive" and b["method"]["hessian"] == "layerwise"
     assert a["calib"] == b["calib"] and pair_key(a) == pair_key(b)
-    c = hydra_compose(["+experiment=main_cpu", f"+setting={backbone}", "method.percdamp=0.5"])
+    c = hydra_compose(["experiment=main_cpu", f"setting={backbone}", "method.percdamp=0.5"])
     assert pair_key(OmegaConf.to_container(c, resolve=True)) != pair_key(b)  # a solver setting breaks the pair
 
 
 def test_slurm_launcher_resolves_from_the_command_line():
-    out = subprocess.run([sys.executable, "-m", "experiments.run", "+experiment=table2", "hydra/launcher=slurm",
+    out = subprocess.run([sys.executable, "-m", "experiments.run", "experiment=table2", "hydra/launcher=slurm",
                           "--cfg", "all", "--resolve"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "SlurmLauncher" in out.stdout and "partition:" in out.stdout and "export HF_HUB_OFFLINE=" in out.stdout

@@ -7,7 +7,7 @@ import nbformat
 from nbclient import NotebookClient
 
 from experiments.report import report
-from oac.results import write_json_atomic
+from oac.io import write_json_atomic
 from tests.test_report import fake_result
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -131,7 +131,7 @@ def test_products_coincide_for_one_token():
     """T = 2: one CE term, only position 0 receives gradient, i.e. effectively T = 1 (D.4)."""
     ad, ids = tiny_llama(), ids_for(4, 2)
     Hs, _ = block_hessians(ad, ids, 1, product="sequence")
-    Ht, _ = block_hessians(ad, ids, 1, granularity="token")
+    Ht, _ = block_hessians(ad, ids, 1, product="token")
     for n in Hs:
         assert rel(Ht[n], Hs[n]) < 1e-6, n
 
@@ -326,8 +326,10 @@ def test_alpha_mixing_and_sampled_labels():
 def test_bad_options():
     with pytest.raises(ConfigError):
         OutputAdaptiveHessian(product="row")
-    with pytest.raises(ConfigError):
-        OutputAdaptiveHessian(product="token", granularity="sequence")
+    with pytest.raises(ConfigError, match=r"method\.oac: unknown option\(s\) \['granularity'\]"):
+        from oac import hessian
+
+        hessian.get("output_adaptive").make_options({"oac": {"granularity": "sequence"}})
     with pytest.raises(ConfigError):
         OutputAdaptiveHessian(loss_scale=0)
     with pytest.raises(ConfigError):

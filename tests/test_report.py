@@ -9,7 +9,7 @@ import pytest
 
 from experiments import paper_refs
 from experiments.report import report, result_row
-from oac.results import write_json_atomic
+from oac.io import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from oac.job import run_job
-from oac.resume import CHECKPOINT_FILE, BlockCheckpoint, config_hash
+from oac.jobdir import config_hash
+from oac.jobdir.resume import CHECKPOINT_FILE, BlockCheckpoint
 
 JOB = ["model=stories260k", "method=gptq", "method.wbits=3", "calib.nsamples=8", "calib.seqlen=64",
        "eval.ppl.datasets=[wikitext2]", "eval.ppl.seqlen=256", "eval.ppl.max_windows=2", "threads=1", "save=true"]
@@ -84,7 +85,7 @@ def test_checkpoint_files_removed_without_save(compose, tmp_path):
 
 
 def test_saved_model_reloads_with_same_perplexity(compose, reference, shared_dir, tmp_path):
-    from oac.checkpoint import load_masks, load_quantized
+    from oac.jobdir.saved import load_masks, load_quantized
     from oac.data.tokens import eval_stream
     from oac.eval.perplexity import perplexity
     from tests.conftest import ROOT
@@ -109,7 +110,7 @@ def test_resume_restores_source_state_not_options():
     """A resumed OAC job keeps the options of its (possibly changed) config, e.g. a new cache_dir, and gets
     back only the run state (dynamic loss scale, Ĥ computed ahead, counters)."""
     from oac.hessian.output_adaptive import OutputAdaptiveHessian
-    from oac.resume import restore_source_state, source_state
+    from oac.jobdir.resume import restore_source_state, source_state
 
     old = OutputAdaptiveHessian(cache_dir="/old/cache", loss_scale="dynamic")
     old._scale, old.stats["passes"] = 512.0, 7

@@ -7,15 +7,18 @@ import math
 import torch
 from torch import Tensor, nn
 
+from oac.hessian import HessianSpec
 from oac.hessian.base import BlockContext
-from oac.models import run_block
+from oac.models import fit_kwargs, run_block
 
 
 class LayerwiseHessian:
     """Running average over calibration *sequences*, accumulated in fp32 from forward hooks."""
 
     name = "layerwise"
+    calibrated = True
     supports_groups = True  # can serve true-sequential sub-groups of a block
+    RESUME_STATE = ()
 
     @torch.no_grad()
     def hessians(self, ctx: BlockContext, group: dict[str, nn.Linear]) -> dict[str, Tensor]:
@@ -49,27 +52,4 @@ class LayerwiseHessian:
         return {"hessian": self.name, "normalisation": "2/N_sequences * sum X^T X (tokens summed)"}
 
 
-def fit_kwargs(kwargs: dict, n: int) -> dict:
-    """Captured kwargs carry the capture batch size; fit batch-leading tensors to a batch of n windows.
-
-    n < capture batch (a smaller last batch): slice. n > capture batch (e.g. OAC's grad_batch_size
-    larger than the pipeline's batch_size): repeat row 0 — valid because calibration windows have no
-    padding, so every row of a captured mask / position tensor is the same.
-    """
-    bs = kwargs.get("_capture_batch", n)
-    if n == bs:
-        return {k: v for k, v in kwargs.items() if k != "_capture_batch"}
-
-    def fit(t: Tensor) -> Tensor:
-        return t[:n] if n < bs else t[:1].expand(n, *t.shape[1:])
-
-    out = {}
-    for k, v in kwargs.items():
-        if k == "_capture_batch":
-            continue
-        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == bs:
-            v = fit(v)
-        elif isinstance(v, tuple) and all(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == bs for t in v):
-            v = tuple(fit(t) for t in v)
-        out[k] = v
-    return out
+SOURCE = HessianSpec("layerwise", LayerwiseHessian, baseline=True, order=10)

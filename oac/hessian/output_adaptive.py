@@ -57,38 +57,30 @@ c = tr(H_ℓ2)/tr(Ĥ) rescales Ĥ to the same mean diagonal as H_ℓ2. So α is 
 relative to an equally-sized Ĥ (α = 1: equal traces), independent of the loss normalisation/scale.
 α = 0 returns Ĥ itself (not rescaled).
 
-Hessian cache (``cache_dir``): Ĥ of each block is saved as ``cache_dir/oac_hessian/<key>-b<j>.pt``.
-The key hashes: the options that affect Ĥ (product, form, labels (+seed), resolved grad dtype,
-loss reduction and scale, grad batch size, refresh mode/period), the compute device type, the
-calibration ids checksum, a fingerprint of the modules of the pass (blocks s..K−1 and the head, which
-are full precision when the pass runs), the sha256 of the cached inputs of block s (the pass start)
-and s itself. Reuse is therefore exact (same numbers as recomputing on the same device/software):
-* refresh=once: s = 0, the inputs of block 0 only depend on the embeddings and the data, so Ĥ is
-  reused by every method/solver on the same model, data and options;
-* refresh=per_block/every: the inps digest of block s changes as soon as any earlier block was
-  quantized differently, so Ĥ is reused only when all blocks < s were quantized identically (e.g.
-  re-running the same job, or a resume).
+Hessian cache (``cache_dir``): Ĥ of each pass is saved and reused exactly (``oac/hessian/cache.py``: what the
+key covers and when entries are shared across methods).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import logging
 import math
-import os
-import random
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oac.errors import ConfigError
+from oac.hessian import HessianSpec
 from oac.hessian.base import BlockContext
-from oac.hessian.layerwise import LayerwiseHessian, fit_kwargs
-from oac.models import DTYPES, run_block
+from oac.hessian.cache import HessianCache
+from oac.hessian.layerwise import LayerwiseHessian
+from oac.models import DTYPES, fit_kwargs, run_block
+from oac.modules import all_finite, cast_kwargs, cast_modules, move_modules, restore_cast, restore_devices, sync
+from oac.registry import check_choice, check_float, check_int
 from oac.solvers.common import HessianError
 
 log = logging.getLogger(__name__)
@@ -99,7 +91,6 @@ LABELS = ("data", "sampled")
 REDUCTIONS = ("sum", "mean")
 FORMS = ("auto", "weight_grad", "token_gram")
 GRAD_DTYPES = (None, "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
-CACHE_VERSION = 1
 DYNAMIC_INIT_SCALE = 2.0**16
 DYNAMIC_MIN_SCALE = 2.0**-24
 
@@ -110,67 +101,67 @@ def product_costs(T: int, d_out: int, d_in: int) -> dict[str, int]:
             "token_gram": T * T * d_out + T * T * d_in + T * d_in * d_in}
 
 
+@dataclass
+class OACOptions:
+    """The output-adaptive source's options (``method.oac``; defaults in configs/hessian/output_adaptive.yaml)."""
+
+    product: str = "sequence"  # sequence: (1/N) Σ_i G_iᵀG_i | token: per-token Fisher (drops cross-token terms)
+    product_form: str = "auto"  # auto | weight_grad | token_gram: the cheaper equivalent form per layer
+    refresh: str = "per_block"  # per_block (C5) | every (refresh_every blocks per pass) | once (C7 "OAC-once")
+    refresh_every: int = 4
+    labels: str = "data"  # data (empirical Fisher) | sampled (true Fisher, labels drawn from the model)
+    seed: int = 0  # sampled labels only
+    grad_dtype: str | None = None  # None = model dtype | fp32 | fp16 | bf16
+    loss_reduction: str = "sum"  # sum | mean (token mean per window); irrelevant to the result (C3)
+    loss_scale: float | str = 1.0  # S > 0, or "dynamic"
+    grad_batch_size: int = 1  # windows per forward+backward (exact for any value)
+    alpha: float = 0.0  # > 0: tr-normalised Ĥ + alpha·H_ℓ2 (ablation)
+    cache_dir: str | None = None  # reuse Ĥ across runs (exact; oac/hessian/cache.py)
+
+    def __post_init__(self):
+        w = "method.oac"
+        check_choice(w, "product", self.product, PRODUCTS)
+        check_choice(w, "refresh", self.refresh, REFRESH)
+        check_choice(w, "labels", self.labels, LABELS)
+        check_choice(w, "loss_reduction", self.loss_reduction, REDUCTIONS)
+        check_choice(w, "product_form", self.product_form, FORMS)
+        check_choice(w, "grad_dtype", self.grad_dtype, GRAD_DTYPES)
+        check_int(w, "refresh_every", self.refresh_every, 1)
+        check_int(w, "grad_batch_size", self.grad_batch_size, 1)
+        check_int(w, "seed", self.seed, 0)
+        if self.loss_scale != "dynamic":
+            try:
+                check_float(w, "loss_scale", self.loss_scale, 0, lo_open=True)
+            except ConfigError:
+                raise ConfigError(f"{w}.loss_scale must be a positive finite number or 'dynamic', "
+                                  f"got {self.loss_scale!r}") from None
+            self.loss_scale = float(self.loss_scale)
+        check_float(w, "alpha", self.alpha, 0)
+        self.alpha = float(self.alpha)
+        self.cache_dir = str(self.cache_dir) if self.cache_dir else None
+
+
 class OutputAdaptiveHessian:
-    """Output-adaptive Hessian source for the sequential pipeline (``hessian: output_adaptive``)."""
+    """Output-adaptive Hessian source for the sequential pipeline (``hessian: output_adaptive``).
+
+    ``OutputAdaptiveHessian(OACOptions(...))``, or the same options as keywords for scripts and tests.
+    """
 
     name = "output_adaptive"
+    calibrated = True
     supports_groups = False  # all linears of a block come from one gradient pass (C5)
 
-    # what a checkpoint saves and a resume restores (oac/resume.py); options always come from the job config
+    # what a checkpoint saves and a resume restores (oac/jobdir/resume.py); options always come from the job config
     RESUME_STATE = ("_scale", "_pending", "_last_k", "forms", "stats")
 
-    def __init__(
-        self,
-        product: str | None = None,
-        granularity: str | None = None,
-        refresh: str = "per_block",
-        refresh_every: int = 4,
-        labels: str = "data",
-        grad_dtype: str | None = None,
-        loss_reduction: str = "sum",
-        loss_scale: float | str = 1.0,
-        grad_batch_size: int = 1,
-        alpha: float = 0.0,
-        product_form: str = "auto",
-        seed: int = 0,
-        cache_dir: str | None = None,
-    ):
-        if product is not None and granularity is not None and product != granularity:
-            raise ConfigError(f"oac: product={product!r} and its alias granularity={granularity!r} disagree")
-        product = product or granularity or "sequence"
-        _check(product, PRODUCTS, "product")
-        _check(refresh, REFRESH, "refresh")
-        _check(labels, LABELS, "labels")
-        _check(loss_reduction, REDUCTIONS, "loss_reduction")
-        _check(product_form, FORMS, "product_form")
-        if grad_dtype not in GRAD_DTYPES:
-            raise ConfigError(f"oac.grad_dtype must be null (model dtype), fp32, fp16 or bf16, not {grad_dtype!r}")
-        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
-            raise ConfigError(f"oac.refresh_every must be a positive integer, not {refresh_every!r}")
-        if isinstance(grad_batch_size, bool) or not isinstance(grad_batch_size, int) or grad_batch_size < 1:
-            raise ConfigError(f"oac.grad_batch_size must be a positive integer, not {grad_batch_size!r}")
-        if loss_scale != "dynamic":
-            try:
-                loss_scale = float(loss_scale)
-            except (TypeError, ValueError):
-                raise ConfigError(f"oac.loss_scale must be a positive number or 'dynamic', not {loss_scale!r}")
-            if not (loss_scale > 0 and math.isfinite(loss_scale)):
-                raise ConfigError(f"oac.loss_scale must be a positive finite number or 'dynamic', not {loss_scale!r}")
-        if not (float(alpha) >= 0 and math.isfinite(float(alpha))):
-            raise ConfigError(f"oac.alpha must be a finite number >= 0, not {alpha!r}")
-        self.product = product
-        self.refresh = refresh
-        self.refresh_every = refresh_every
-        self.labels = labels
-        self.grad_dtype = grad_dtype
-        self.loss_reduction = loss_reduction
-        self.loss_scale = loss_scale
-        self.grad_batch_size = grad_batch_size
-        self.alpha = float(alpha)
-        self.product_form = product_form
-        self.seed = int(seed)
-        self.cache_dir = str(cache_dir) if cache_dir else None
-        self._scale = DYNAMIC_INIT_SCALE if loss_scale == "dynamic" else float(loss_scale)
+    def __init__(self, options: OACOptions | None = None, **kwargs):
+        if options is not None and kwargs:
+            raise TypeError("pass either an OACOptions or keyword options, not both")
+        opts = options if options is not None else OACOptions(**kwargs)
+        self.options = opts
+        for f in dataclasses.fields(opts):  # read-only views used throughout (self.refresh, ...)
+            setattr(self, f.name, getattr(opts, f.name))
+        self._scale = DYNAMIC_INIT_SCALE if self.loss_scale == "dynamic" else float(self.loss_scale)
         self._pending: dict[int, dict[str, Tensor]] = {}  # Ĥ computed ahead for later blocks (every/once)
         self._last_k: int | None = None
         self.forms: dict[str, str] = {}  # layer shape -> chosen product form
@@ -240,7 +231,7 @@ class OutputAdaptiveHessian:
                 out = self._mix(ctx, group, out)
             return out
         finally:
-            _sync(ctx.device)
+            sync(ctx.device)
             self.stats["time_total_s"] += time.perf_counter() - t0
 
     # ----------------------------------------------------------------------------------- internals
@@ -267,12 +258,15 @@ class OutputAdaptiveHessian:
         targets = self._targets(k, K)
         self.stats["passes"] += 1
         gdtype = self._resolved_dtype(ctx.inps.dtype)
-        key = self._cache_key(ctx, gdtype) if self.cache_dir else None
-        result = self._cache_load(key, targets) if key else None
+        cache = HessianCache(self.cache_dir) if self.cache_dir else None
+        key = self._cache_key(ctx, gdtype) if cache else None
+        result = cache.load(key, targets) if cache else None
+        if cache:
+            self.stats["cache_hits" if result is not None else "cache_misses"] += 1
         if result is None:
             result = self._pass(ctx, targets, gdtype)
             if key:
-                self._cache_save(key, result)
+                cache.save(key, result)
         store = torch.device("cpu")
         for j in targets:
             self._pending[j] = result[j] if j == k else {n: h.to(store) for n, h in result[j].items()}
@@ -304,8 +298,8 @@ class OutputAdaptiveHessian:
         if T < 2:
             raise ConfigError("oac: calibration windows need at least 2 tokens (labels are the next tokens)")
         handles = []
-        moved = _move_modules(pass_modules, dev)
-        cast = _cast_modules(pass_modules, gdtype)
+        moved = move_modules(pass_modules, dev)
+        cast = cast_modules(pass_modules, gdtype)
         frozen = [(p, p.requires_grad) for p in adapter.model.parameters()]
         for p in adapter.model.parameters():
             p.requires_grad_(False)
@@ -319,9 +313,9 @@ class OutputAdaptiveHessian:
                     if x0.is_inference():  # a cache built under inference_mode cannot enter autograd
                         x0 = x0.clone()
                     ids = ctx.calib_ids[b0 : b0 + n_b].to(dev)
-                    kw = _cast_kwargs(fit_kwargs(ctx.block_kwargs, n_b), gdtype)
+                    kw = cast_kwargs(fit_kwargs(ctx.block_kwargs, n_b), gdtype)
                     deltas, S = self._forward_backward(ctx, s, K, x0, ids, kw, keys, captured, b0)
-                    _sync(dev)
+                    sync(dev)
                     t = time.perf_counter()
                     xs_f32: dict[int, Tensor] = {}
                     for key, d in zip(keys, deltas):
@@ -339,7 +333,7 @@ class OutputAdaptiveHessian:
                         self._accumulate(H[key[0]][key[1]], Xf.reshape(n_b, T, -1), D.reshape(n_b, T, -1))
                     del xs_f32, deltas
                     captured.clear()
-                    _sync(dev)
+                    sync(dev)
                     self.stats["time_products_s"] += time.perf_counter() - t
         finally:
             captured.clear()
@@ -347,12 +341,12 @@ class OutputAdaptiveHessian:
                 h.remove()
             for p, flag in frozen:
                 p.requires_grad_(flag)
-            _restore_cast(cast)
-            _restore_devices(moved)
+            restore_cast(cast)
+            restore_devices(moved)
         for j in targets:
             for n, h in H[j].items():
                 h.div_(N)  # symmetric up to rounding, like the layer-wise H; the solvers read one triangle
-                if not _all_finite([h]):
+                if not all_finite([h]):
                     raise HessianError(f"block {j} {n}: output-adaptive Hessian contains NaN/Inf")
         return H
 
@@ -362,7 +356,7 @@ class OutputAdaptiveHessian:
         n_b, T = ids.shape
         while True:
             S = self._scale
-            _sync(ctx.device)
+            sync(ctx.device)
             t = time.perf_counter()
             captured.clear()
             z = x0.detach().requires_grad_(True)
@@ -386,12 +380,12 @@ class OutputAdaptiveHessian:
             ys = [captured[key][1] for key in keys]
             deltas = list(torch.autograd.grad(loss * S, ys, allow_unused=True))
             del z, h, logits, loss, ys
-            _sync(ctx.device)
+            sync(ctx.device)
             self.stats["time_fwd_bwd_s"] += time.perf_counter() - t
             self.stats["batches"] += 1
             self.stats["block_passes"] += n_b * (K - s)
             self.stats["head_passes"] += n_b
-            if _all_finite([d for d in deltas if d is not None]):
+            if all_finite([d for d in deltas if d is not None]):
                 return deltas, S
             del deltas
             if self.loss_scale != "dynamic":
@@ -448,13 +442,10 @@ class OutputAdaptiveHessian:
     # ------------------------------------------------------------------------------------- caching
 
     def _cache_key(self, ctx: BlockContext, gdtype: torch.dtype) -> str:
-        from oac.data.tokens import ids_checksum
-
         adapter = ctx.adapter
         s = ctx.k
         mods = [adapter.blocks[m] for m in range(s, len(adapter.blocks))] + list(adapter.head_modules())
-        key = {
-            "v": CACHE_VERSION,
+        options = {
             "product": self.product,
             "product_form": self.product_form if self.product == "sequence" else None,
             "labels": self.labels,
@@ -465,142 +456,9 @@ class OutputAdaptiveHessian:
             "grad_batch_size": self.grad_batch_size,
             "refresh": self.refresh,
             "refresh_every": self.refresh_every if self.refresh == "every" else None,
-            "device": torch.device(ctx.device).type,
-            "calib": ids_checksum(ctx.calib_ids),
-            "modules": modules_fingerprint(mods),
-            "inps": tensor_digest(ctx.inps),
-            "start": s,
-            "n_blocks": len(adapter.blocks),
         }
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-
-    def _cache_path(self, key: str, j: int) -> Path:
-        return Path(self.cache_dir) / "oac_hessian" / f"{key}-b{j}.pt"
-
-    def _cache_load(self, key: str, targets: list[int]):
-        paths = {j: self._cache_path(key, j) for j in targets}
-        if not all(p.exists() for p in paths.values()):
-            self.stats["cache_misses"] += 1
-            return None
-        self.stats["cache_hits"] += 1
-        log.info("oac: Ĥ of blocks %s loaded from the cache (%s)", targets, key)
-        return {j: torch.load(p, map_location="cpu") for j, p in paths.items()}
-
-    def _cache_save(self, key: str, result: dict[int, dict[str, Tensor]]) -> None:
-        for j, H in result.items():
-            p = self._cache_path(key, j)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_suffix(f".tmp{os.getpid()}-{random.getrandbits(32)}")
-            torch.save({n: h.detach().cpu() for n, h in H.items()}, tmp)
-            tmp.replace(p)
+        return HessianCache.key(options, device=ctx.device, calib_ids=ctx.calib_ids, modules=mods, inps=ctx.inps,
+                                start=s, n_blocks=len(adapter.blocks))
 
 
-# --------------------------------------------------------------------------------------- helpers
-
-
-def _check(value, allowed, what):
-    if value not in allowed:
-        raise ConfigError(f"oac.{what} must be one of {list(allowed)}, not {value!r}")
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """One fp32 sum per tensor (NaN/inf propagate) and a single host sync: cheaper than isfinite().all().
-
-    A finite tensor can only be misreported if its fp32 sum overflows (|Σ| > 3e38), which the Ĥ products
-    would not survive either.
-    """
-    if not tensors:
-        return True
-    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
-    return bool(torch.isfinite(sums).all())
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _module_device(m: nn.Module):
-    for t in m.parameters():
-        return t.device
-    for t in m.buffers():
-        return t.device
-    return None
-
-
-def _move_modules(modules: list[nn.Module], dev) -> list[tuple[nn.Module, torch.device]]:
-    """Move the modules of the pass to ``dev``; return (module, original device) for those moved."""
-    dev = torch.device(dev)
-    moved = []
-    for m in modules:
-        d = _module_device(m)
-        if d is not None and (d.type != dev.type or (dev.index is not None and d.index != dev.index)):
-            moved.append((m, d))
-            m.to(dev)
-    return moved
-
-
-def _restore_devices(moved) -> None:
-    for m, d in moved:
-        m.to(d)
-
-
-def _cast_modules(modules: list[nn.Module], dtype: torch.dtype) -> list:
-    """Cast floating parameters/buffers to the gradient dtype; keep the originals to restore exactly."""
-    saved, seen = [], set()
-    for m in modules:
-        for p in m.parameters():
-            if id(p) not in seen and p.is_floating_point() and p.dtype != dtype:
-                seen.add(id(p))
-                saved.append(("param", p, p.data))
-                p.data = p.data.to(dtype)
-        for mod in m.modules():
-            for name, b in list(mod._buffers.items()):
-                if b is not None and b.is_floating_point() and b.dtype != dtype and id(b) not in seen:
-                    seen.add(id(b))
-                    saved.append(("buffer", (mod, name), b))
-                    mod._buffers[name] = b.to(dtype)
-    return saved
-
-
-def _restore_cast(saved) -> None:
-    for kind, obj, orig in saved:
-        if kind == "param":
-            obj.data = orig
-        else:
-            mod, name = obj
-            mod._buffers[name] = orig
-
-
-def _cast_kwargs(kwargs: dict, dtype: torch.dtype) -> dict:
-    def cast(v):
-        if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != dtype:
-            return v.to(dtype)
-        if isinstance(v, tuple):
-            return tuple(cast(t) for t in v)
-        return v
-
-    return {k: cast(v) for k, v in kwargs.items()}
-
-
-def tensor_digest(t: Tensor) -> str:
-    """sha256 of a tensor's bytes (any dtype, any device)."""
-    h = hashlib.sha256()
-    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-    flat = t.detach().contiguous().reshape(-1)
-    step = 1 << 26
-    for i in range(0, flat.numel(), step):
-        h.update(flat[i : i + step].cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
-def modules_fingerprint(modules: list[nn.Module]) -> str:
-    """Checksum of parameters and buffers of modules: shape, dtype, first/last values, sum, sum of squares."""
-    h = hashlib.sha256()
-    for i, m in enumerate(modules):
-        for name, t in list(m.named_parameters()) + list(m.named_buffers()):
-            flat = t.detach().reshape(-1)
-            f = flat.double()
-            h.update(f"{i}.{name}{tuple(t.shape)}{t.dtype}".encode())
-            h.update(json.dumps([float(f[0]), float(f[-1]), float(f.sum()), float(f.square().sum())]).encode())
-    return h.hexdigest()[:32]
+SOURCE = HessianSpec("output_adaptive", OutputAdaptiveHessian, OACOptions, options_key="oac", order=20)

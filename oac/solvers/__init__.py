@@ -1,59 +1,55 @@
-"""Solvers: plain functions ``solve(W, H, cfg) -> SolveResult`` plus a typed config each.
+"""Solvers: plain functions ``solve(W, H, cfg) -> SolveResult``, each with a typed config dataclass.
 
-A *method* is a solver fed by a Hessian source (``configs/method/*.yaml``): ``gptq`` = GPTQ solver +
-layer-wise Hessian, ``oac_gptq`` = the same solver + the output-adaptive Hessian.
+A *method* is a solver fed by a Hessian source (``oac.method``): ``gptq`` = the GPTQ solver + the layer-wise
+Hessian, ``oac_gptq`` = the same solver + the output-adaptive Hessian.
+
+Adding a solver = one module here that ends with ``SOLVER = SolverSpec(...)`` (found by the registry, no list
+to edit) + one YAML in ``configs/solver/`` (its defaults, under ``method:``) + its tests.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
+from dataclasses import dataclass
+from typing import Callable
 
-from oac.errors import ConfigError
+from oac.registry import Registry, build_options
 from oac.solvers.common import SolveResult
 
-_REGISTRY = {
-    "rtn": ("oac.solvers.rtn", "RTNConfig"),
-    "gptq": ("oac.solvers.gptq", "GPTQConfig"),
-    "spqr": ("oac.solvers.spqr", "SpQRConfig"),
-    "billm": ("oac.solvers.billm", "BiLLMConfig"),
-    "identity": ("oac.solvers", "IdentityConfig"),
-}
-# keys of a method config that are not solver hyper-parameters
-METHOD_KEYS = {"name", "solver", "hessian", "oac", "backbone", "description", "true_sequential"}
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A registered solver.
+
+    ``config``: its typed settings (a dataclass; ``__post_init__`` or ``validate_options`` checks ranges).
+    ``solve(W, H, cfg)``: the algorithm. ``uses_hessian``: False for RTN (fed by the "no Hessian" source only).
+    ``validate_options(cfg)``: option checks that need no layer shape (run before the model is loaded).
+    ``check_shape(cfg, d_out, d_in)``: what this solver cannot do on a layer shape (run once the model is loaded).
+    ``order``: where its rows go in tables (the paper's order: RTN, GPTQ, SpQR, BiLLM).
+    """
+
+    name: str
+    config: type
+    solve: Callable[..., SolveResult]
+    uses_hessian: bool = True
+    validate_options: Callable | None = None
+    check_shape: Callable | None = None
+    order: int = 100
+
+    def make_config(self, params: dict | None):
+        cfg = build_options(self.config, params, f"method ({self.name} solver)")
+        if self.validate_options is not None:
+            self.validate_options(cfg)
+        return cfg
 
 
-@dataclasses.dataclass
-class IdentityConfig:
-    """No-op solver (Ŵ = W): checks that the pipeline itself changes nothing."""
+SOLVERS: Registry[SolverSpec] = Registry("oac.solvers", "SOLVER", "solver")
 
 
-def _identity(W, H, cfg):
-    return SolveResult(weight=W.float().clone(), stats={"bits_nominal": 32.0, "bits_reported": 32.0,
-                                                        "bits_full": 32.0, "n_weights": W.numel()})
+def get(name: str) -> SolverSpec:
+    return SOLVERS.get(name)
 
 
 def get_solver(name: str):
-    """Return (solve function, config dataclass) for a solver name."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown solver {name!r}; known: {sorted(_REGISTRY)}")
-    if name == "identity":
-        return _identity, IdentityConfig
-    mod_name, cls_name = _REGISTRY[name]
-    mod = importlib.import_module(mod_name)
-    return mod.solve, getattr(mod, cls_name)
-
-
-def make_config(name: str, params: dict):
-    """Build the typed solver config from a method config's hyper-parameters; unknown keys are errors."""
-    _, cls = get_solver(name)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in params.items():
-        if k in METHOD_KEYS:
-            continue
-        if k not in fields:
-            raise ConfigError(f"method hyper-parameter {k!r} is not a setting of solver {name!r}; "
-                              f"valid: {sorted(fields)}")
-        kwargs[k] = float(v) if v in ("inf", "Infinity") else v
-    return cls(**kwargs)
+    """(solve function, config dataclass) of a solver name."""
+    spec = SOLVERS.get(name)
+    return spec.solve, spec.config

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from oac.errors import ConfigError
+from oac.registry import check_choice, check_float, check_int
+from oac.solvers import SolverSpec
 from oac.quant.bits import billm_bits
 from oac.solvers.common import SolveResult, check_finite, inverse_cholesky, layer_objective
 
@@ -245,3 +247,17 @@ def solve(W: Tensor, H: Tensor, cfg: BiLLMConfig, name: str = "layer") -> SolveR
         "n_dead": int(dead.sum()),
     }
     return SolveResult(weight=W, stats=stats, masks={"salient": salient})
+
+
+def validate_options(cfg: BiLLMConfig) -> None:
+    """Option ranges that need no layer shape (checked before the model is loaded)."""
+    check_choice("method", "salient_metric", cfg.salient_metric, ("hessian", "magnitude"))
+    check_choice("method", "search_on", cfg.search_on, ("saliency", "weights"))
+    check_int("method", "blocksize", cfg.blocksize, 1)
+    check_int("method", "n_quantiles", cfg.n_quantiles, 1)
+    check_int("method", "max_salient_cols", cfg.max_salient_cols, 0)
+    check_float("method", "percdamp", cfg.percdamp, 0)
+    check_choice("method", "damp_retry_mode", cfg.damp_retry_mode, ("add", "multiply"))
+
+
+SOLVER = SolverSpec("billm", BiLLMConfig, solve, validate_options=validate_options, order=40)

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 
 from oac.errors import ConfigError
+from oac.registry import check_choice, check_float, check_int
+from oac.solvers import SolverSpec
 from oac.quant.bits import uniform_bits
 from oac.quant.grid import fake_quantize, fit_minmax, maxq_for
 from oac.solvers.common import (
@@ -137,3 +139,17 @@ def solve(W: Tensor, H: Tensor, cfg: GPTQConfig, name: str = "layer") -> SolveRe
     if perm is not None:
         masks["perm"] = perm
     return SolveResult(weight=Q, stats=stats, masks=masks)
+
+
+def validate_options(cfg: GPTQConfig) -> None:
+    """Option ranges that need no layer shape (checked before the model is loaded)."""
+    check_int("method", "wbits", cfg.wbits, 1, 8)
+    check_int("method", "groupsize", cfg.groupsize, 1, allow=(-1,))
+    check_int("method", "blocksize", cfg.blocksize, 1)
+    check_float("method", "percdamp", cfg.percdamp, 0)
+    check_choice("method", "damp_retry_mode", cfg.damp_retry_mode, ("add", "multiply"))
+    if cfg.static_groups and cfg.groupsize == -1:
+        raise ConfigError("method.static_groups=true needs a groupsize (got groupsize=-1)")
+
+
+SOLVER = SolverSpec("gptq", GPTQConfig, solve, validate_options=validate_options, order=20)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from oac.quant.bits import uniform_bits
+from oac.registry import check_int
+from oac.solvers import SolverSpec
 from oac.quant.grid import fake_quantize, fit_minmax, maxq_for
 from oac.solvers.common import SolveResult, check_finite, layer_objective, validate_uniform_config
 
@@ -48,3 +50,12 @@ def solve(W: Tensor, H: Tensor | None, cfg: RTNConfig, name: str = "layer") -> S
         stats["objective"] = layer_objective(Wf, Q, H.to(Wf.device))
     masks = {"scale": scale.reshape(d_out, -1), "zero": zero.reshape(d_out, -1)}
     return SolveResult(weight=Q, stats=stats, masks=masks)
+
+
+def validate_options(cfg: RTNConfig) -> None:
+    """Option ranges that need no layer shape (checked before the model is loaded)."""
+    check_int("method", "wbits", cfg.wbits, 1, 8)
+    check_int("method", "groupsize", cfg.groupsize, 1, allow=(-1,))
+
+
+SOLVER = SolverSpec("rtn", RTNConfig, solve, uses_hessian=False, validate_options=validate_options, order=10)

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from oac.errors import ConfigError
+from oac.registry import check_choice, check_float, check_int
+from oac.solvers import SolverSpec
 from oac.quant.bits import spqr_bits
 from oac.quant.grid import fake_quantize, fit_minmax, maxq_for
 from oac.solvers.common import (
@@ -286,3 +288,23 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
         stats["target_outlier_fraction"] = float(target)
         stats["target_hit"] = bool(hit)
     return SolveResult(weight=Q, stats=stats, masks={"outliers": mask})
+
+
+def validate_options(cfg: SpQRConfig) -> None:
+    """Option ranges that need no layer shape (checked before the model is loaded)."""
+    check_int("method", "wbits", cfg.wbits, 1, 8)
+    check_int("method", "groupsize", cfg.groupsize, 1, allow=(-1, None))
+    for field in ("qq_scale_bits", "qq_zero_bits"):
+        check_int("method", field, getattr(cfg, field), 1, 16, allow=(None,))
+    check_int("method", "qq_groupsize", cfg.qq_groupsize, 1)
+    check_choice("method", "permutation_order", cfg.permutation_order, ("act_order", "identity"))
+    check_float("method", "outlier_threshold", cfg.outlier_threshold, 0, lo_open=True, allow_inf=True)
+    if cfg.target_outlier_fraction is not None:
+        check_float("method", "target_outlier_fraction", cfg.target_outlier_fraction, 0, 1, hi_open=True)
+    check_float("method", "percdamp", cfg.percdamp, 0)
+    check_int("method", "blocksize", cfg.blocksize, 1)
+    check_int("method", "max_target_solves", cfg.max_target_solves, 1)
+    check_choice("method", "damp_retry_mode", cfg.damp_retry_mode, ("add", "multiply"))
+
+
+SOLVER = SolverSpec("spqr", SpQRConfig, solve, validate_options=validate_options, order=30)

@@ -1,9 +1,5 @@
-"""Resumable jobs: skip a job already complete for the same config, resume a crashed one block by block.
+"""Resume a crashed job block by block (the crash checkpoint of a job directory).
 
-* A job's identity is :func:`config_hash`: the resolved config minus keys that do not change results
-  (output/cache paths, checkpointing, logging, threads). ``result.json`` stores it.
-* :func:`completed_result` returns the previous result when ``result.json`` says ``status: complete``
-  for the same hash: the job is skipped.
 * :class:`BlockCheckpoint` is the pipeline's ``on_block_done`` hook. After block k it writes the
   quantized linears of block k to ``<job>/quantized/block_{k:03d}.safetensors`` (once per block) and
   replaces ``<job>/checkpoint.pt`` (block k, the inputs of block k+1, the PipelineState, RNG and
@@ -14,63 +10,26 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from oac.results import RESULT_FILE, read_result
+from oac.io import atomic_write, quarantine
+from oac.jobdir.identity import config_hash
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed from (moved aside; a rerun starts from scratch)."""
+
 QUANTIZED_DIR = "quantized"
-# keys (dotted) that never change a job's numbers: excluded from its identity
-VOLATILE_KEYS = ("hydra", "paths.output_dir", "paths.cache_dir", "checkpoint", "skip_complete", "threads",
-                 "logger", "oac_cache_dir", "method.oac.cache_dir")
-
-
-def config_hash(cfg: DictConfig | dict) -> str:
-    """sha256 (16 hex) of the resolved config without :data:`VOLATILE_KEYS`."""
-    d = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
-    for key in VOLATILE_KEYS:
-        *parents, last = key.split(".")
-        node = d
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def completed_result(cfg: DictConfig, out_dir: str | os.PathLike) -> dict | None:
-    """The previous result in ``out_dir`` if it is complete and was produced by the same config."""
-    old = read_result(Path(out_dir) / RESULT_FILE)
-    if not old or old.get("status") != "complete":
-        return None
-    old_hash = old.get("config_hash") or (config_hash(old["config"]) if "config" in old else None)
-    if old_hash != config_hash(cfg):
-        log.info("%s holds a complete result of a different config: rerunning", out_dir)
-        return None
-    return old
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _plain(v, depth: int = 0):
@@ -142,7 +101,7 @@ class BlockCheckpoint:
                 full = self._names[id(linears[name])]
                 for mk, mv in masks.items():
                     tensors[f"{full}.{mk}"] = mv.contiguous()
-        _atomic(self.block_path(k), lambda tmp: save_file(tensors, tmp, metadata={"block": str(k)}))
+        atomic_write(self.block_path(k), lambda tmp: save_file(tensors, tmp, metadata={"block": str(k)}))
 
     def on_block_done(self, k: int, state, inps: torch.Tensor) -> None:
         self.write_block(k, [r["name"] for r in state.layers if r["block"] == k])
@@ -152,7 +111,7 @@ class BlockCheckpoint:
         ckpt = {"block": k, "inps": inps.detach().cpu(), "state": dataclasses.asdict(state),
                 "config_hash": self.cfg_hash, "calib_checksum": self.calib_checksum,
                 "rng": torch.get_rng_state(), "source": src}
-        _atomic(self.path, lambda tmp: torch.save(ckpt, tmp))
+        atomic_write(self.path, lambda tmp: torch.save(ckpt, tmp))
         log.info("checkpoint: %d of %d blocks done (%s)", k + 1, len(self.adapter.blocks), self.path)
 
     def resume(self) -> dict | None:
@@ -161,13 +120,22 @@ class BlockCheckpoint:
             return None
         from oac.pipeline import PipelineState
 
-        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or garbage: start from scratch, keep the file for inspection
+            quarantine(self.path, f"{type(e).__name__}")
+            return None
         if ckpt.get("config_hash") != self.cfg_hash or ckpt.get("calib_checksum") != self.calib_checksum:
             log.warning("ignoring %s: written by a different config or calibration set", self.path)
             return None
         k = int(ckpt["block"])
-        for j in range(k + 1):
-            self.restore_block(j)
+        try:
+            for j in range(k + 1):
+                self.restore_block(j)
+        except Exception as e:  # a block file is unreadable: the weights restored so far are from the base model
+            quarantine(self.path, f"block file unreadable: {type(e).__name__}: {e}")
+            raise ResumeError(f"{self.dir}: the checkpoint's block files cannot be read; moved the checkpoint "
+                              "aside, rerun to start from scratch") from None
         torch.set_rng_state(ckpt["rng"])
         restore_source_state(self.source, ckpt.get("source", {}))
         log.info("resuming from %s: blocks 0..%d restored, continuing at block %d", self.path, k, k + 1)

@@ -23,8 +23,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from oac.errors import ConfigError
-from oac.resume import QUANTIZED_DIR, config_hash
-from oac.results import write_json_atomic
+from oac.io import write_json_atomic
+from oac.jobdir.identity import config_hash
+from oac.jobdir.resume import QUANTIZED_DIR
 
 log = logging.getLogger(__name__)
 
