@@ -291,7 +291,7 @@ def test_gguf_conversion_is_keyed_by_the_gguf_bytes(tmp_path, monkeypatch, caplo
 
     p1 = models.resolve_model_dir(mcfg, cache)
     assert models.resolve_model_dir(mcfg, cache) == p1 and len(converted) == 1
-    stamp = json.loads((tmp_path / "cache" / "models" / os.path.basename(p1) / models.STAMP).read_text())
+    stamp = json.loads((cache / "models" / os.path.basename(p1) / models.STAMP).read_text())
     assert stamp["sha256"] == hashlib.sha256(b"GGUF version one").hexdigest()
     assert not [p for p in (cache / "models").iterdir() if ".tmp-" in p.name]
 
@@ -299,7 +299,7 @@ def test_gguf_conversion_is_keyed_by_the_gguf_bytes(tmp_path, monkeypatch, caplo
         f.write(b"GGUF version TWO")
     p2 = models.resolve_model_dir(mcfg, cache)
     assert p2 != p1 and len(converted) == 2
-    assert (tmp_path / "cache" / "models" / os.path.basename(p2) / "model.safetensors").read_bytes() == b"GGUF version TWO"
+    assert (cache / "models" / os.path.basename(p2) / "model.safetensors").read_bytes() == b"GGUF version TWO"
 
     (cache / "models" / os.path.basename(p2) / models.STAMP).unlink()  # e.g. a half-copied folder
     with caplog.at_level(logging.WARNING, logger="oac.models"):
