@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +137,11 @@ def _package_dir(package: str) -> Path:
 
 
 def resolve_model_dir(mcfg, cache_dir: str | os.PathLike) -> str:
-    """Return a hub id or a local HF folder for the model config; converts a GGUF once and caches it."""
+    """Return a hub id or a local HF folder for the model config; converts a GGUF once and caches it.
+
+    The converted folder is content-addressed: ``cache_dir/models/<name>-<sha256 of the GGUF, 16 hex>``, with
+    the full digest stamped in it (``oac-source.json``), so a changed GGUF is converted again, never reused.
+    """
     src = mcfg.source
     if src == "hub":
         return mcfg.path
@@ -146,22 +151,70 @@ def resolve_model_dir(mcfg, cache_dir: str | os.PathLike) -> str:
             raise ConfigError(f"model {mcfg.name!r}: no config.json in {p} (set paths.assets_dir or model.path)")
         return str(p)
     if src == "gguf":
+        from oac.data.text import file_digest  # here: oac.data imports this module
+
         gdir = _package_dir(mcfg.gguf_package) if mcfg.get("gguf_package") else Path(mcfg.path)
         gfile = gdir / mcfg.gguf_file
         if not gfile.exists():
             raise ConfigError(f"model {mcfg.name!r}: GGUF file {gfile} not found")
-        out = Path(cache_dir) / "models" / mcfg.name
-        if not (out / "model.safetensors").exists():
-            _convert_gguf(gdir, mcfg.gguf_file, out)
+        digest = file_digest(gfile)
+        out = Path(cache_dir) / "models" / f"{mcfg.name}-{digest[:16]}"
+        why = _converted_problem(out, digest)
+        if why:
+            if out.exists():
+                aside = out.with_name(f"{out.name}.corrupt-{int(time.time())}")
+                os.replace(out, aside)
+                log.warning("converted model %s is unusable (%s); moved aside to %s, converting again",
+                            out, why, aside.name)
+            _convert_atomic(gdir, mcfg.gguf_file, out, digest)
         return str(out)
     raise ConfigError(f"model {mcfg.name!r}: unknown source {src!r} (hub | local | gguf)")
+
+
+STAMP = "oac-source.json"
+
+
+def _converted_problem(out: Path, digest: str) -> str | None:
+    """None if ``out`` is a complete conversion of the GGUF with this sha256, else what is wrong."""
+    if not out.exists():
+        return "missing"
+    if not (out / "model.safetensors").exists():
+        return "no model.safetensors"
+    try:
+        stamp = json.loads((out / STAMP).read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable {STAMP} ({type(e).__name__})"
+    if stamp.get("sha256") != digest:
+        return f"made from a GGUF with sha256 {str(stamp.get('sha256'))[:16]}, not {digest[:16]}"
+    return None
+
+
+def _convert_atomic(gdir: Path, gguf_file: str, out: Path, digest: str) -> None:
+    """Convert into a unique temporary folder, stamp it with the GGUF digest, then rename it to ``out``."""
+    import shutil
+
+    import transformers
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    log.info("converting %s/%s to an HF folder at %s (once per GGUF content)", gdir, gguf_file, out)
+    try:
+        _convert_gguf(gdir, gguf_file, tmp)
+        (tmp / STAMP).write_text(json.dumps({"gguf_file": gguf_file, "sha256": digest,
+                                             "transformers": transformers.__version__}, indent=1) + "\n")
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if _converted_problem(out, digest) is not None:  # not another process's finished conversion
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _convert_gguf(gdir: Path, gguf_file: str, out: Path) -> None:
     """Dequantize a GGUF into a plain fp32 HF folder (transformers cannot re-save a GGUF-loaded model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s/%s to an HF folder at %s (once)", gdir, gguf_file, out)
     tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gguf_file)
     src = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gguf_file, dtype=torch.float32)
     config = src.config
@@ -170,10 +223,8 @@ def _convert_gguf(gdir: Path, gguf_file: str, out: Path) -> None:
         config.__dict__.pop("quantization_config", None)
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(src.state_dict(), strict=False)
-    tmp = out.with_name(out.name + ".tmp")
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out) if not out.exists() else None
+    clean.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 def load_model(mcfg, *, cache_dir: str, device: str = "cpu", dtype: str = "auto"):

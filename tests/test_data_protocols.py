@@ -88,3 +88,13 @@ def test_missing_data_is_a_clear_error(stories, tmp_path):
         eval_stream(tok, "wikitext2", 512, data_dir=tmp_path)
     with pytest.raises(ConfigError, match="unknown perplexity dataset"):
         eval_stream(tok, "wikitext3", 512, data_dir=tmp_path)
+
+
+def test_local_corpora_match_sha256sums(data_dir):
+    """Every corpus file read here is listed in data/SHA256SUMS and verifies (data/README.md)."""
+    from oac.data.text import CORPORA, data_checksums, source_digest
+
+    sums = data_checksums(data_dir)
+    assert sums is not None
+    for name, (rel, _, _) in CORPORA.items():
+        assert source_digest(name, data_dir) == sums[rel], name

@@ -1,7 +1,9 @@
 """Token streams for perplexity and calibration windows, exactly as PROTOCOLS.md §1.2 and §2 describe.
 
 Tokenized data is cached on disk under ``cache_dir/tokens``; keys include the tokenizer's
-fingerprint, the source and every protocol parameter, so a changed tokenizer never hits a stale entry.
+fingerprint, the sha256 of the source file's bytes (:func:`oac.data.text.source_digest`) and every
+protocol parameter, so a changed tokenizer or a changed data file never hits a stale entry. Writes are
+atomic (temporary file + ``os.replace``); an entry that cannot be read is moved aside and rebuilt.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
+import time
 from pathlib import Path
 
 import torch
 
-from oac.data.text import check_available, load_rows
+from oac.data.text import check_available, read_corpus, source_digest
 from oac.errors import ConfigError
 from oac.models import tokenizer_fingerprint
 
@@ -32,20 +36,82 @@ def _encode(tok, text: str) -> list[int]:
     return tok(text).input_ids
 
 
-def _cached(cache_dir, key: dict, build):
-    """Load a tensor from the token cache, or build and store it (atomic write)."""
+def _one_line(e: BaseException) -> str:
+    msg = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _move_aside(path: Path, why: str) -> None:
+    dest = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:  # another process moved or replaced it first
+        return
+    log.warning("token cache entry %s is unreadable (%s); moved aside to %s, rebuilding", path, why, dest.name)
+
+
+def _atomic_save(t: torch.Tensor, path: Path) -> None:
+    """Write under a unique temporary name in the same folder, fsync, then rename over the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(t, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _cached(cache_dir, key: dict, build, check=None):
+    """Load a tensor from the token cache, or build and store it (atomic write).
+
+    ``check(t)`` returns an error string for a loaded tensor of the wrong kind/shape (treated like a corrupt
+    file: moved aside to ``<name>.corrupt-<unix time>`` and rebuilt).
+    """
     if cache_dir is None:
         return build()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache_dir) / "tokens" / f"{key['kind']}-{digest}.pt"
     if path.exists():
-        return torch.load(path)
+        try:
+            t = torch.load(path, map_location="cpu", weights_only=True)
+            why = None
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.long:
+                why = f"holds {type(t).__name__} {getattr(t, 'dtype', '')}, not a long tensor"
+            elif check is not None:
+                why = check(t)
+        except FileNotFoundError:
+            why = ""
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss, never a result
+            why = _one_line(e)
+        if why is None:
+            return t
+        if why:
+            _move_aside(path, why)
     t = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{random.getrandbits(32)}")
-    torch.save(t, tmp)
-    tmp.replace(path)
+    try:
+        _atomic_save(t, path)
+    except OSError as e:
+        log.warning("could not write token cache entry %s (%s); continuing without it", path, _one_line(e))
     return t
+
+
+def _source(corpus: str, data_dir, verify: bool) -> tuple[str, str | None]:
+    """(cache-key source, sha256 of the local file or None for the hub): local data is keyed by content."""
+    src = check_available(corpus, data_dir, verify=verify)
+    digest = source_digest(corpus, data_dir, verify=False) if src.startswith("local:") else None
+    return (f"sha256:{digest}" if digest else src), digest
+
+
+def _rows(corpus: str, data_dir, verify: bool, digest: str | None) -> list[str]:
+    """Rows of the corpus, guaranteed to be parsed from the bytes whose digest is in the cache key."""
+    rows, got = read_corpus(corpus, data_dir, verify=verify)
+    if got != digest:
+        raise ConfigError(f"data file for {corpus!r} under {data_dir} changed while it was being read; run again")
+    return rows
 
 
 def eval_source(name: str) -> str:
@@ -53,16 +119,19 @@ def eval_source(name: str) -> str:
             "ptb": "ptb-valid", "ptb-new": "ptb-test"}[name]
 
 
-def eval_stream(tok, name: str, seqlen: int, *, data_dir, cache_dir=None) -> torch.Tensor:
-    """[1, L] token ids of a perplexity corpus under the named protocol variant."""
+def eval_stream(tok, name: str, seqlen: int, *, data_dir, cache_dir=None, verify: bool = True) -> torch.Tensor:
+    """[1, L] token ids of a perplexity corpus under the named protocol variant.
+
+    ``verify``: check the local file against ``data_dir/SHA256SUMS`` (``paths.verify_data``).
+    """
     if name not in PPL_DATASETS:
         raise ConfigError(f"unknown perplexity dataset {name!r}; known: {list(PPL_DATASETS)}")
-    src = check_available(eval_source(name), data_dir)
+    src, digest = _source(eval_source(name), data_dir, verify)
     key = {"kind": f"eval-{name}", "tok": tokenizer_fingerprint(tok), "src": src, "v": 1,
            "seqlen": seqlen if name in ("c4", "c4-new") else None}
 
     def build():
-        rows = load_rows(eval_source(name), data_dir)
+        rows = _rows(eval_source(name), data_dir, verify, digest)
         if name == "wikitext2":
             ids = _encode(tok, "\n\n".join(rows))
         elif name == "ptb":
@@ -76,7 +145,12 @@ def eval_stream(tok, name: str, seqlen: int, *, data_dir, cache_dir=None) -> tor
             ids = [t for w in ids for t in w]
         return torch.tensor(ids, dtype=torch.long).unsqueeze(0)
 
-    return _cached(cache_dir, key, build)
+    def check(t):
+        if t.dim() != 2 or t.shape[0] != 1:
+            return f"shape {list(t.shape)}, expected [1, L]"
+        return None
+
+    return _cached(cache_dir, key, build, check)
 
 
 def _doc_windows(tok, docs, n, seqlen, *, seed, accept="ge", max_tries=100_000, exact_whole=False):
@@ -105,20 +179,23 @@ def _doc_windows(tok, docs, n, seqlen, *, seed, accept="ge", max_tries=100_000, 
     return out
 
 
-def calibration_windows(tok, ccfg, *, data_dir, cache_dir=None) -> torch.Tensor:
-    """[nsamples, seqlen] calibration token ids. ``ccfg`` has dataset, nsamples, seqlen, seed, sampling, sep."""
+def calibration_windows(tok, ccfg, *, data_dir, cache_dir=None, verify: bool = True) -> torch.Tensor:
+    """[nsamples, seqlen] calibration token ids. ``ccfg`` has dataset, nsamples, seqlen, seed, sampling, sep.
+
+    ``verify``: check the local file against ``data_dir/SHA256SUMS`` (``paths.verify_data``).
+    """
     if ccfg.dataset not in CALIB_DATASETS:
         raise ConfigError(f"unknown calibration dataset {ccfg.dataset!r}; known: {sorted(CALIB_DATASETS)}")
     if ccfg.sampling not in ("doc", "concat"):
         raise ConfigError(f"calib.sampling must be 'doc' or 'concat', not {ccfg.sampling!r}")
     corpus = CALIB_DATASETS[ccfg.dataset]
-    src = check_available(corpus, data_dir)
+    src, digest = _source(corpus, data_dir, verify)
     key = {"kind": "calib", "tok": tokenizer_fingerprint(tok), "src": src, "dataset": ccfg.dataset,
            "n": ccfg.nsamples, "seqlen": ccfg.seqlen, "seed": ccfg.seed, "sampling": ccfg.sampling,
            "sep": ccfg.sep, "accept": ccfg.get("accept", "ge"), "v": 1}
 
     def build():
-        rows = load_rows(corpus, data_dir)
+        rows = _rows(corpus, data_dir, verify, digest)
         if ccfg.dataset == "c4-val-heldout":
             rows = rows[C4_NEW_DOCS:]  # disjoint from the documents c4-new evaluation uses
         if ccfg.sampling == "doc":
@@ -134,7 +211,12 @@ def calibration_windows(tok, ccfg, *, data_dir, cache_dir=None) -> torch.Tensor:
                 wins.append(ids[s : s + ccfg.seqlen])
         return torch.tensor(wins, dtype=torch.long)
 
-    return _cached(cache_dir, key, build)
+    def check(t):
+        if list(t.shape) != [ccfg.nsamples, ccfg.seqlen]:
+            return f"shape {list(t.shape)}, expected [{ccfg.nsamples}, {ccfg.seqlen}]"
+        return None
+
+    return _cached(cache_dir, key, build, check)
 
 
 def ids_checksum(ids: torch.Tensor) -> str:
