@@ -279,6 +279,7 @@ def report(outputs: str | Path = "outputs", results: str | Path = "results", *,
            include_untagged: bool = False) -> dict[str, Path]:
     """Write the tables; jobs without a ``tag`` (not from an experiment sweep) only with ``include_untagged``."""
     results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
     found = [(d, r) for d, r in find_results(outputs) if include_untagged or r.get("tag")]
     if not found:
         log.warning("no %s under %s", RESULT_FILE, outputs)

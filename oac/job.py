@@ -42,6 +42,11 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def _verify(cfg: DictConfig) -> bool:
+    """paths.verify_data: check local data files against SHA256SUMS (default true)."""
+    return bool(cfg.paths.get("verify_data", True))
+
+
 def validate(cfg: DictConfig) -> methods.Method:
     """Every check that needs no model, in milliseconds: the typed method (solver settings, Hessian-source
     options and their combination), calibration and evaluation data. Returns the resolved method."""
@@ -53,11 +58,11 @@ def validate(cfg: DictConfig) -> methods.Method:
             raise ConfigError(f"calib.nsamples must be an integer >= 1, got {cfg.calib.nsamples!r}")
         if isinstance(cfg.calib.seqlen, bool) or not isinstance(cfg.calib.seqlen, int) or cfg.calib.seqlen < 2:
             raise ConfigError(f"calib.seqlen must be an integer >= 2, got {cfg.calib.seqlen!r}")
-        check_available(CALIB_DATASETS[cfg.calib.dataset], cfg.paths.data_dir)
+        check_available(CALIB_DATASETS[cfg.calib.dataset], cfg.paths.data_dir, verify=_verify(cfg))
     for d in cfg.eval.ppl.datasets:
         if d not in PPL_DATASETS:
             raise ConfigError(f"unknown perplexity dataset {d!r}; known: {list(PPL_DATASETS)}")
-        check_available(eval_source(d), cfg.paths.data_dir)
+        check_available(eval_source(d), cfg.paths.data_dir, verify=_verify(cfg))
     if cfg.eval.zeroshot.tasks:
         from oac.eval import zeroshot
 
@@ -180,7 +185,8 @@ def _quantize(cfg: DictConfig, m: methods.Method, adapter, tok, device, result, 
     source = m.build_source()
     calib = None
     if m.calibrated:
-        calib = calibration_windows(tok, cfg.calib, data_dir=cfg.paths.data_dir, cache_dir=cfg.paths.cache_dir)
+        calib = calibration_windows(tok, cfg.calib, data_dir=cfg.paths.data_dir, cache_dir=cfg.paths.cache_dir,
+                                    verify=_verify(cfg))
         result["calibration"] = {**OmegaConf.to_container(cfg.calib, resolve=True), "checksum": ids_checksum(calib),
                                  "n_tokens": calib.numel()}
     t = time.perf_counter()
@@ -212,7 +218,8 @@ def _evaluate(cfg, model, tok, device, result) -> None:
     t = time.perf_counter()
     pcfg = cfg.eval.ppl
     for name in pcfg.datasets:
-        ids = eval_stream(tok, name, pcfg.seqlen, data_dir=cfg.paths.data_dir, cache_dir=cfg.paths.cache_dir)
+        ids = eval_stream(tok, name, pcfg.seqlen, data_dir=cfg.paths.data_dir, cache_dir=cfg.paths.cache_dir,
+                          verify=_verify(cfg))
         r = perplexity(model, ids, pcfg.seqlen, batch_size=pcfg.batch_size, max_windows=pcfg.max_windows,
                        device=device, desc=f"ppl {name}")
         label = name if name in ("wikitext2",) else f"{name}@local2k" if name.startswith("c4") else name

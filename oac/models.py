@@ -12,7 +12,6 @@ import importlib.util
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,10 +161,9 @@ def resolve_model_dir(mcfg, cache_dir: str | os.PathLike) -> str:
         why = _converted_problem(out, digest)
         if why:
             if out.exists():
-                aside = out.with_name(f"{out.name}.corrupt-{int(time.time())}")
-                os.replace(out, aside)
-                log.warning("converted model %s is unusable (%s); moved aside to %s, converting again",
-                            out, why, aside.name)
+                from oac.io import quarantine
+
+                quarantine(out, f"converted model unusable: {why}")
             _convert_atomic(gdir, mcfg.gguf_file, out, digest)
         return str(out)
     raise ConfigError(f"model {mcfg.name!r}: unknown source {src!r} (hub | local | gguf)")

@@ -257,8 +257,9 @@ def test_cache_write_is_atomic(tok, tmp_path, monkeypatch):
     _write_jsonl(data / WT, _rows(10))
     real_save = torch.save
 
-    def crash(t, f, *a, **k):
-        f.write(b"partial")
+    def crash(t, f, *a, **k):  # a half-written file, then the disk is full
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)

@@ -43,7 +43,10 @@ _CHUNK = 1 << 20
 
 
 def offline() -> bool:
-    return any(os.environ.get(v, "0") not in ("0", "", "false", "False") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    """True when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set to a true value (huggingface_hub's rule:
+    1/true/yes/on, any case); the one offline check of the project."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 # ---------------------------------------------------------------------------------------------

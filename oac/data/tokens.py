@@ -11,15 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import time
 from pathlib import Path
 
 import torch
 
 from oac.data.text import check_available, read_corpus, source_digest
 from oac.errors import ConfigError
+from oac.io import atomic_write, quarantine
 from oac.models import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -39,30 +38,6 @@ def _encode(tok, text: str) -> list[int]:
 def _one_line(e: BaseException) -> str:
     msg = (str(e).strip().splitlines() or [""])[0][:200]
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-
-
-def _move_aside(path: Path, why: str) -> None:
-    dest = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-    try:
-        os.replace(path, dest)
-    except FileNotFoundError:  # another process moved or replaced it first
-        return
-    log.warning("token cache entry %s is unreadable (%s); moved aside to %s, rebuilding", path, why, dest.name)
-
-
-def _atomic_save(t: torch.Tensor, path: Path) -> None:
-    """Write under a unique temporary name in the same folder, fsync, then rename over the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(t, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _cached(cache_dir, key: dict, build, check=None):
@@ -90,10 +65,10 @@ def _cached(cache_dir, key: dict, build, check=None):
         if why is None:
             return t
         if why:
-            _move_aside(path, why)
+            quarantine(path, why)
     t = build()
     try:
-        _atomic_save(t, path)
+        atomic_write(path, lambda tmp: torch.save(t, tmp))
     except OSError as e:
         log.warning("could not write token cache entry %s (%s); continuing without it", path, _one_line(e))
     return t

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oac.data.text import offline
 from oac.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,6 @@ DEFAULT_METRIC_MAP: dict[str, str] = {
 LEADERBOARD_METRIC_MAP: dict[str, str] = {**DEFAULT_METRIC_MAP, "arc_challenge": "acc_norm", "hellaswag": "acc_norm"}
 
 MODES = ("auto", "offline", "online")
-_TRUE = {"1", "true", "yes", "on"}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -167,11 +167,6 @@ def lm_eval_package_dir() -> Path:
 def local_task_name(name: str) -> str:
     """Name of the generated offline task (must not clash with the built-in one)."""
     return f"{name}_local"
-
-
-def hf_offline_env() -> bool:
-    """True when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set to a true value."""
-    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def resolve_tasks(tasks: str | Sequence[str] | None) -> list[str]:
@@ -221,7 +216,7 @@ def resolve_modes(names: Sequence[str], mode: str, data_dir: str | os.PathLike |
             out[name] = "offline"
         elif mode == "offline":
             raise _missing_file_error(name, missing[0], data_dir, "mode=offline")
-        elif hf_offline_env():
+        elif offline():
             raise _missing_file_error(name, missing[0], data_dir, "mode=auto with HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set")
         else:
             log.info("zero-shot task %s: no local file %s, using the upstream (online) task", name, missing[0])
