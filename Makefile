@@ -36,7 +36,7 @@ test: setup          ## fast test suite (CI)
 test-slow: setup     ## long checks on real models (SmolLM2), run by hand and reported in notes
 	$(PY) -m pytest -q -m slow --override-ini="addopts="
 
-demo: setup          ## fp16 and RTN 4/3/2-bit on SmolLM2 (CPU, small settings), prints a table
+demo: setup          ## fp16, RTN, GPTQ, SpQR, OAC-SpQR at 2 bits on SmolLM2 (CPU, small settings), one table
 	$(PY) -m experiments.demo
 
 bench: setup         ## solver and OAC benchmarks -> results/bench/

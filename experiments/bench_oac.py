@@ -34,14 +34,22 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from oac.data.tokens import calibration_windows
-from oac.hessian.layerwise import LayerwiseHessian, fit_kwargs
-from oac.hessian.output_adaptive import OutputAdaptiveHessian, _sync
-from oac.models import Adapter, family_of, load_model, run_block
+from oac import method as methods
+from oac.compose import compose_config
+from oac.hessian.layerwise import LayerwiseHessian
+from oac.models import Adapter, family_of, fit_kwargs, load_model, run_block
+from oac.modules import sync as _sync
 from oac.pipeline import catch_block_inputs, propagate, quantize_model
 from oac.solvers import get_solver
 
 log = logging.getLogger("bench_oac")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def oac_source(**options):
+    """The OAC method's Hessian source, built from the configs as a job builds it (preset ``oac_gptq``)."""
+    ov = ["method=oac_gptq"] + [f"method.oac.{k}={v}" for k, v in options.items()]
+    return methods.resolve(compose_config(ov).method).build_source()
 
 
 def load(name: str, device: str):
@@ -66,8 +74,7 @@ def block_costs(adapter: Adapter, T: int) -> tuple[float, float]:
 
 def hessian_costs(adapter: Adapter, T: int, product: str) -> tuple[float, float]:
     """Per-token multiply-adds of one block's layer-wise 2XᵀX and of its OAC products (cheaper form, C4)."""
-    from oac.hessian.output_adaptive import product_costs
-
+    product_costs = type(oac_source()).product_costs  # the source's own cost model (METHODS.md C4)
     xtx = oac = 0.0
     for m in adapter.linears(adapter.blocks[0]).values():
         d_out, d_in = m.weight.shape
@@ -181,8 +188,8 @@ def main() -> None:
         for _ in range(args.repeat):  # OAC pipeline run, then the bare passes right after it
             if args.solver != "identity":  # weights change: start from the full-precision model again
                 cfg, adapter, tok = load(args.model, device)
-            src = OutputAdaptiveHessian(refresh=refresh, refresh_every=max(every, 1), product=args.product,
-                                        grad_batch_size=gbs)
+            src = oac_source(refresh=refresh, refresh_every=max(every, 1), product=args.product,
+                             grad_batch_size=gbs)
             t = time.perf_counter()
             st = quantize_model(adapter, ids, src, solve, scfg, device=device, batch_size=gbs)
             pipe = time.perf_counter() - t

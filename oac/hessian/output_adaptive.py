@@ -151,6 +151,8 @@ class OutputAdaptiveHessian:
     calibrated = True
     supports_groups = False  # all linears of a block come from one gradient pass (C5)
 
+    product_costs = staticmethod(product_costs)  # multiply-adds of the two product forms (benchmarks read it here)
+
     # what a checkpoint saves and a resume restores (oac/jobdir/resume.py); options always come from the job config
     RESUME_STATE = ("_scale", "_pending", "_last_k", "forms", "stats")
 
