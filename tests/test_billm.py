@@ -5,7 +5,7 @@ import torch
 
 from oac.quant.bits import billm_bits
 from oac.solvers.billm import BiLLMConfig, _salient_errors, binarize, search, solve
-from tests.conftest import correlated_H
+from tests.helpers import correlated_H
 from oac.solvers.common import layer_objective
 
 

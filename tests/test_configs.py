@@ -10,7 +10,7 @@ from hydra._internal.config_loader_impl import get_overrides_dirname
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 CONFIGS = ROOT / "configs"
 LLAMA = ["llama-7b", "llama-13b", "llama-30b", "llama-65b", "llama2-7b", "llama2-13b", "llama2-70b"]
 OPT = ["opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b"]

@@ -16,7 +16,7 @@ from oac import hessian, method, solvers
 from oac.errors import ConfigError
 from oac.jobdir import config_hash
 from oac.job import run_job
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 PRESETS = {"fp16": ("none", "none"), "rtn": ("rtn", "none"), "gptq": ("gptq", "layerwise"),
            "spqr": ("spqr", "layerwise"), "billm": ("billm", "layerwise"), "oac_gptq": ("gptq", "output_adaptive"),

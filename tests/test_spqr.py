@@ -8,7 +8,7 @@ import torch
 from oac.errors import ConfigError
 from oac.quant.bits import spqr_bits
 from oac.quant.grid import fake_quantize, fit_minmax, maxq_for
-from tests.conftest import correlated_H
+from tests.helpers import correlated_H
 from oac.solvers.common import inverse_cholesky
 from oac.solvers.spqr import SpQRConfig, fit_bilevel, loo_reduction, solve
 

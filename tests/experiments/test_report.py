@@ -11,7 +11,7 @@ from experiments import paper_refs
 from experiments.report import report, result_row
 from oac.io import write_json_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, SHARED
 
 
 def fake_result(model, method, seed, ppl, *, wbits=2, status="complete", tag="table1", bits=2.0, zs=None):
@@ -70,7 +70,7 @@ def test_result_row_zeroshot_in_percent():
 
 def test_reference_csvs_never_invent_numbers(tmp_path):
     paths = paper_refs.write(tmp_path)
-    text = (ROOT.parent / "shared" / "docs" / "PAPER.md")
+    text = (SHARED / "docs" / "PAPER.md")
     if not text.exists():
         pytest.skip("PAPER.md not found")
     numbers = {float(x) for x in re.findall(r"\d+(?:\.\d+)?", text.read_text())}

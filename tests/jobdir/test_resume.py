@@ -32,7 +32,7 @@ def test_config_hash_ignores_volatile_keys(compose):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, shared_dir):
     """An uninterrupted job with save=true."""
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
     from hydra import compose, initialize_config_dir
 
     out = tmp_path_factory.mktemp("ref")
@@ -88,7 +88,7 @@ def test_saved_model_reloads_with_same_perplexity(compose, reference, shared_dir
     from oac.jobdir.saved import load_masks, load_quantized
     from oac.data.tokens import eval_stream
     from oac.eval.perplexity import perplexity
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     ref_dir, ref = reference
     model, tok, manifest = load_quantized(ref_dir, cache_dir=str(ROOT / ".cache"))

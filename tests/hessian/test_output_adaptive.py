@@ -13,11 +13,11 @@ from oac.models import Adapter
 from oac.pipeline import catch_block_inputs, propagate, quantize_model
 from oac.solvers import get_solver
 from oac.solvers.common import HessianError
+from tests.helpers import SHARED
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CPU = torch.device("cpu")
-SHARED = os.environ.get("OAC_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
-STORIES = os.path.join(SHARED, "models", "stories260K")
+STORIES = str(SHARED / "models" / "stories260K")
 
 
 def tiny_llama(seed=0, layers=3, hidden=32, inter=48, vocab=64):
@@ -254,7 +254,6 @@ def test_hessian_cache(tmp_path):
 # ------------------------------------------------------------------------------------ (e) end-to-end
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(STORIES, "config.json")), reason="stories260K not available")
 def test_end_to_end_stories260k_gptq():
     model = LlamaForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
     ad = Adapter(model, "llama")

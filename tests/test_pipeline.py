@@ -8,7 +8,7 @@ from oac.hessian.layerwise import LayerwiseHessian
 from oac.models import Adapter, family_of, run_block
 from oac.pipeline import catch_block_inputs, propagate, quantize_model
 from oac.solvers import get_solver
-from tests.conftest import tiny_llama, tiny_opt
+from tests.helpers import tiny_llama, tiny_opt
 
 
 def test_stories_greedy_generation(stories):

@@ -8,9 +8,9 @@ from nbclient import NotebookClient
 
 from experiments.report import report
 from oac.io import write_json_atomic
-from tests.test_report import fake_result
+from tests.experiments.test_report import fake_result
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def test_notebook_executes(tmp_path, monkeypatch):
@@ -24,7 +24,7 @@ def test_notebook_executes(tmp_path, monkeypatch):
                                       bits=16.0 if method == "fp16" else 2.3))
     for i, (method, seed, ppl) in enumerate([("billm", 0, 900.0), ("oac_billm", 0, 800.0), ("billm", 1, 1000.0),
                                              ("oac_billm", 1, 950.0)]):  # a seed-paired table
-        from tests.test_report import seeded
+        from tests.experiments.test_report import seeded
 
         write_json_atomic(tmp_path / "outputs" / f"p{i}" / "result.json",
                           seeded(method, seed, {"wikitext2": ppl}, backbone="billm"))

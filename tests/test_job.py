@@ -15,7 +15,7 @@ from oac.errors import ConfigError
 from oac.job import ResultError, run_job
 from oac.jobdir import JobLocked, job_state
 from oac.jobdir.lock import LOCK_FILE, JobLock
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 TINY = ["model=stories260k", "calib.nsamples=4", "calib.seqlen=32", "eval.ppl.datasets=[wikitext2]",
         "eval.ppl.seqlen=128", "eval.ppl.max_windows=2"]
