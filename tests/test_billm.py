@@ -166,3 +166,38 @@ def test_dead_columns():
     for cfg in (BiLLMConfig(), BiLLMConfig(intra_block_feedback=True)):
         res = solve(W, H, cfg)
         assert torch.isfinite(res.weight).all() and (res.weight[:, dead] == 0).all() and res.stats["n_dead"] == 3
+
+
+def nanmean_bin(X, M, order):
+    """BIN as the reference writes it: masked entries NaN elsewhere, μ and α by torch.nanmean (Σ / n)."""
+    nan = torch.tensor(float("nan"))
+    A, stats = torch.zeros_like(X), []
+    for _ in range(order):
+        R = torch.where(M, X * M - A, nan)
+        mu = torch.nanmean(R, dim=-1, keepdim=True).nan_to_num(0.0)
+        D = R - mu
+        alpha = torch.nanmean(D.abs(), dim=-1, keepdim=True).nan_to_num(0.0)
+        A = A + torch.where(M, alpha * torch.sign(D) + mu, 0.0)
+        stats.append((mu, alpha))
+    return A, stats
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_bin_statistics_are_sum_over_n_bit_for_bit(order):
+    """μ and α are Σ/n (the reference's nanmean), not Σ·(1/n): equal bit for bit, an empty row gives 0."""
+    n_recip_differs = 0
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        X = rand_W(48, 128, seed=seed)
+        M = torch.rand(48, 128, generator=g) < 0.3
+        M[7] = False  # empty mask row
+        A, st = binarize(X, M, order)
+        A_ref, st_ref = nanmean_bin(X, M, order)
+        assert torch.equal(A, A_ref)
+        for (mu, al), (mu_r, al_r) in zip(st, st_ref):
+            assert torch.equal(mu, mu_r) and torch.equal(al, al_r)
+        assert (A[7] == 0).all()
+        n = M.sum(-1, keepdim=True).float().clamp(min=1)
+        s1 = (X * M).sum(-1, keepdim=True)
+        n_recip_differs += int(not torch.equal(s1 * (1.0 / n), s1 / n))
+    assert n_recip_differs > 0  # the former Σ·(1/n) is distinguishable on these inputs

@@ -233,3 +233,126 @@ def test_stats_and_masks():
     # fp16 input works and is solved in fp32
     res16 = gptq.solve(W.half(), H, GPTQConfig(wbits=3))
     assert res16.weight.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- damping and act-order: the references' expressions
+
+
+def _official_inverse_cholesky(H, percdamp):
+    """IST-DASLab/gptq's preparation of H, step by step (dead fix, fp32 damping, Cholesky, inverse, Cholesky)."""
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(H.shape[0])
+    H[diag, diag] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    return torch.linalg.cholesky(H, upper=True), damp
+
+
+def test_damping_is_the_reference_float32_expression():
+    from oac.solvers.common import inverse_cholesky
+
+    n_old_differs = 0
+    for seed in range(12):
+        W, H = make_problem(d_out=4, d_in=96, n=192, seed=seed, dead=[seed, 50])
+        U, dead, info = inverse_cholesky(H, 0.01, order="dead_then_damp")
+        U_ref, damp = _official_inverse_cholesky(H, 0.01)
+        assert damp.dtype == torch.float32
+        assert info["damp"] == float(damp)  # λ bit for bit
+        assert torch.equal(U, U_ref)  # and so the whole factor
+        # the former Python-double expression over the strided diagonal
+        Hf = H.clone()
+        Hf[dead, dead] = 1
+        old = torch.tensor(0.01 * float(Hf.diagonal().mean()), dtype=torch.float32)
+        n_old_differs += int(float(old) != float(damp))
+    assert n_old_differs > 0  # the test can tell the two apart
+
+
+def test_act_order_is_the_reference_argsort_with_ties():
+    """Ties in diag H are ordered by the default (unstable) argsort, as the reference; not by a stable sort."""
+    W, H = make_problem(d_out=8, d_in=128, n=256, seed=5)
+    D = torch.diag(H).clone()
+    D[::2] = D[1::2]  # 64 ties
+    H = H - torch.diag(torch.diag(H)) + torch.diag(D) + 50 * torch.eye(128)
+    res = gptq.solve(W, H, GPTQConfig(act_order=True))
+    ref = torch.argsort(torch.diag(H), descending=True)
+    assert not torch.equal(ref, torch.argsort(torch.diag(H), descending=True, stable=True))
+    assert torch.equal(res.masks["perm"], ref)
+
+
+def test_stats_and_masks():
+    W, H = make_problem(d_out=16, d_in=64, n=128, dead=[5])
+    W0, H0 = W.clone(), H.clone()
+    res = gptq.solve(W, H, GPTQConfig(wbits=3, groupsize=16, act_order=True))
+    assert torch.equal(W, W0) and torch.equal(H, H0)  # inputs untouched
+    st = res.stats
+    assert st["bits_nominal"] == 3 and st["bits_reported"] == 3 and st["bits_full"] == pytest.approx(3 + 32 / 16)
+    assert st["wbits"] == 3 and st["groupsize"] == 16 and st["n_weights"] == 16 * 64
+    assert res.masks["scale"].shape == res.masks["zero"].shape == (16, 4)
+    assert sorted(res.masks["perm"].tolist()) == list(range(64))
+    # each column lies on the grid of the group it was visited in
+    pos = torch.argsort(res.masks["perm"])  # original column -> visiting position
+    for c in range(64):
+        s, z = res.masks["scale"][:, pos[c] // 16], res.masks["zero"][:, pos[c] // 16]
+        codes = res.weight[:, c] / s + z
+        assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert res.weight.dtype == torch.float32
+    # fp16 input works and is solved in fp32
+    res16 = gptq.solve(W.half(), H, GPTQConfig(wbits=3))
+    assert res16.weight.dtype == torch.float32
+
+
+def reference_gptq(W, H, wbits, groupsize=-1, blocksize=128, percdamp=0.01, act_order=False, static_groups=False):
+    """METHODS.md B2 written with the reference's own tensor expressions (1-D column views, k=1 matmul for
+    the in-block update, `-=` of a matmul for the lazy one, fp32 damping), to compare bit for bit."""
+    W, H = W.clone().float(), H.clone()
+    columns, maxq = W.shape[1], maxq_for(wbits)
+    if groupsize == -1:
+        scale, zero = fit_minmax(W, wbits)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if static_groups:
+        groups = [fit_minmax(W[:, i : i + groupsize], wbits) for i in range(0, columns, groupsize)]
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    Q = torch.zeros_like(W)
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(columns)
+    H[diag, diag] += damp
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1, Q1, Err1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), torch.zeros(W.shape[0], i2 - i1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            if groupsize != -1:
+                if not static_groups:
+                    if (i1 + i) % groupsize == 0:
+                        scale, zero = fit_minmax(W[:, i1 + i : i1 + i + groupsize], wbits)
+                else:
+                    idx = int(perm[i1 + i]) if act_order else i1 + i
+                    scale, zero = groups[idx // groupsize]
+            q = fake_quantize(w.unsqueeze(1), scale, zero, maxq).flatten()
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return Q[:, torch.argsort(perm)] if act_order else Q
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(groupsize=128), dict(groupsize=32, act_order=True),
+                                dict(groupsize=128, act_order=True), dict(groupsize=128, static_groups=True),
+                                dict(groupsize=64, act_order=True, static_groups=True), dict(blocksize=96)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "channel")
+def test_bit_identical_to_the_reference_expressions(kw):
+    """With dead columns: equal bit for bit."""
+    W, H = make_problem(d_out=48, d_in=512, n=1024, seed=6, dead=[11, 300])
+    res = gptq.solve(W, H, GPTQConfig(wbits=3, **kw))
+    assert torch.equal(res.weight, reference_gptq(W, H, 3, **kw))

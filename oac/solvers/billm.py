@@ -1,9 +1,15 @@
 """BiLLM (METHODS.md B4): residual binarization with salient columns and a magnitude split, per block.
 
-Replicates the reference: dead-column fix, then damping; per block of B columns the saliency
+Replicates the reference (Aaronhuang-778/BiLLM): dead-column fix, then the reference's float32 damping
+``percdamp * torch.mean(torch.diag(H))``; per block of B columns (the last one shorter) the saliency
 S = Wb²/u² (u = diag of the upper Cholesky factor of H⁻¹) drives SEARCH, the WEIGHTS are binarized
 with per-row statistics inside the block, and the block error is fed only to later blocks
-(``intra_block_feedback=True``: column by column with the in-block OBS update instead).
+(``intra_block_feedback=True``: column by column with the in-block OBS update instead). BIN's per-row
+statistics are the reference's nanmean form Σ/n.
+
+The one intended difference from the reference: dead columns (diag H = 0) come back as exact zeros in Ŵ
+(METHODS.md D.5), where the reference leaves the μ ± α that BIN gives the zeroed column. They never reach
+the layer output and U decouples them, so nothing else changes.
 """
 
 from __future__ import annotations
@@ -54,14 +60,16 @@ def binarize(X: Tensor, M: Tensor, order: int) -> tuple[Tensor, list[tuple[Tenso
     """
     Mf = M.to(X.dtype)
     n = Mf.sum(-1, keepdim=True)
-    inv_n = torch.where(n > 0, 1.0 / n.clamp(min=1), torch.zeros_like(n))
+    empty = n == 0
+    n = n.clamp(min=1)
     A = torch.zeros(torch.broadcast_shapes(X.shape, M.shape), dtype=X.dtype, device=X.device)
     stats = []
     for _ in range(order):
         R = X * Mf - A
-        mu = (R * Mf).sum(-1, keepdim=True) * inv_n
+        # nanmean over the mask, as the reference: Σ / n (0 for an empty mask), not Σ·(1/n)
+        mu = ((R * Mf).sum(-1, keepdim=True) / n).masked_fill_(empty, 0.0)
         D = R - mu
-        alpha = (D.abs() * Mf).sum(-1, keepdim=True) * inv_n
+        alpha = ((D.abs() * Mf).sum(-1, keepdim=True) / n).masked_fill_(empty, 0.0)
         A = A + (alpha * torch.sign(D) + mu) * Mf
         stats.append((mu, alpha))
     return A, stats

@@ -47,6 +47,13 @@ def layer_objective(W: Tensor, Wq: Tensor, H: Tensor) -> float:
     return float(torch.einsum("ij,jk,ik->", D, H.float(), D))
 
 
+def act_order_permutation(H: Tensor) -> Tensor:
+    """Columns by decreasing diag(H), exactly the references' call (GPTQ and SpQR): the default, *unstable*
+    ``torch.argsort(torch.diag(H), descending=True)`` of the contiguous diagonal copy. Ties come out in
+    whatever order that sort gives (METHODS.md A6)."""
+    return torch.argsort(torch.diag(H), descending=True)
+
+
 def inverse_cholesky(
     H: Tensor,
     percdamp: float,
@@ -59,45 +66,57 @@ def inverse_cholesky(
 ) -> tuple[Tensor, Tensor, dict]:
     """Dead-column fix, relative damping and upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU).
 
-    ``order`` replicates the references: GPTQ/BiLLM fix dead columns first and damp with
-    mean(diag H) (including the 1's of dead columns); SpQR damps first with mean(|diag H|) of the raw
-    diagonal, then overwrites dead diagonal entries with 1.
+    ``order`` replicates the references with their own expressions, evaluated in float32 on the contiguous
+    diagonal copy ``torch.diag(H)``:
+    * ``dead_then_damp`` (GPTQ, BiLLM): ``H[dead, dead] = 1``, then ``damp = percdamp * torch.mean(torch.diag(H))``
+      (the mean includes the 1's of dead columns) and ``H[diag, diag] += damp``;
+    * ``damp_then_dead`` (SpQR): ``H[diag, diag] += percdamp * abs(torch.diag(H)).mean()`` on the raw diagonal,
+      then ``H[dead, dead] = 1`` overwrites the damped dead entries.
 
     When a factorisation fails the damping is raised (``retry_mode`` ``add``: +retry_step, the
     project default of METHODS.md A3; ``multiply``: ×retry_factor) until it succeeds or passes
-    ``max_percdamp``. Returns (U, dead mask, info) with info = {percdamp_used, damp_retries}.
+    ``max_percdamp``; each try re-damps the undamped diagonal with the same expression. Returns (U, dead
+    mask, info) with info = {percdamp_used, damp_retries, damp}, ``damp`` being the float32 λ actually added
+    to the diagonal (as a Python float, exact).
     """
     if order not in ("dead_then_damp", "damp_then_dead"):
         raise ValueError(f"unknown damping order {order!r}")
     if not torch.isfinite(H).all():
         raise HessianError("Hessian contains NaN/Inf")
-    H = H.float().clone()
-    diag = H.diagonal()
-    dead = diag == 0
+    H = H.detach().float().clone()
+    n = H.shape[0]
+    diag = torch.arange(n, device=H.device)
+    dead = torch.diag(H) == 0
     if order == "dead_then_damp":
         H[dead, dead] = 1.0
-        mean_diag = float(H.diagonal().mean())
+        base = torch.diag(H)  # undamped diagonal, restored before every retry
+        mean = torch.mean(base)
     else:
-        mean_diag = float(H.diagonal().abs().mean())
-    if mean_diag == 0:
-        mean_diag = 1.0  # all-dead Hessian: the identity after the dead fix
+        base = torch.diag(H)
+        mean = abs(base).mean()
+    if float(mean) == 0:
+        mean = torch.ones_like(mean)  # all-zero diagonal: damp with 1·percdamp (the references would fail)
     p, retries = float(percdamp), 0
     while True:
-        Hd = H.clone()
-        Hd.diagonal().add_(p * mean_diag)
+        damp = p * mean
+        if retries:
+            H[diag, diag] = base
+        H[diag, diag] += damp
         if order == "damp_then_dead":
-            Hd[dead, dead] = 1.0
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd  # free d_in² intermediates as soon as possible (large layers, GPU)
+            H[dead, dead] = 1.0
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
-            del L
+            del L  # free d_in² intermediates as soon as possible (large layers, GPU)
             U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
             del Hinv
             if int(info2) == 0 and torch.isfinite(U).all():
                 if retries:
                     log.warning("Cholesky needed %d damping retries; percdamp %.4g -> %.4g", retries, percdamp, p)
-                return U, dead, {"percdamp_used": p, "damp_retries": retries}
+                return U, dead, {"percdamp_used": p, "damp_retries": retries, "damp": float(damp)}
+            del U
+        else:
+            del L
         retries += 1
         p = p + retry_step if retry_mode == "add" else (p * retry_factor if p > 0 else retry_step)
         if p > max_percdamp:

@@ -1,7 +1,9 @@
 """GPTQ (METHODS.md B2, with the Hessian preparation of A3 and the lazy OBS sweep of A4).
 
-Replicates the reference behaviour on identical inputs, including its quirks:
+Replicates the reference (IST-DASLab/gptq) on identical inputs, including its quirks:
 * per-channel (s, z) are fitted on the original W, before dead columns are zeroed;
+* damping is the reference's float32 ``percdamp * torch.mean(torch.diag(H))`` after the dead fix;
+* act-order is the reference's default (unstable) ``argsort(diag H, descending)``;
 * static groups are fitted after the dead fix, in natural column order, before any permutation;
 * non-static group fits read the *global* W, which lacks the in-block updates of the current block
   (stale unless the group starts on a block boundary), so for g < blocksize the block size matters.
@@ -19,6 +21,7 @@ from oac.quant.bits import uniform_bits
 from oac.quant.grid import fake_quantize, fit_minmax, maxq_for
 from oac.solvers.common import (
     SolveResult,
+    act_order_permutation,
     check_finite,
     inverse_cholesky,
     layer_objective,
@@ -76,7 +79,7 @@ def solve(W: Tensor, H: Tensor, cfg: GPTQConfig, name: str = "layer") -> SolveRe
         static = [fit(W[:, i : i + g]) for i in range(0, d_in, g)]
     perm = None
     if cfg.act_order:
-        perm = torch.argsort(H.diagonal(), descending=True)
+        perm = act_order_permutation(H)
         W, H = W[:, perm], H[perm][:, perm]
         order = perm.tolist()
     U, _, info = inverse_cholesky(
@@ -105,7 +108,7 @@ def solve(W: Tensor, H: Tensor, cfg: GPTQConfig, name: str = "layer") -> SolveRe
             q = fake_quantize(w, scale, zero, maxq, "gptq")
             Q[:, c : c + 1] = q
             e = (w - q) / U1[j, j]
-            W1[:, j:] -= e * U1[j : j + 1, j:]
+            W1[:, j:] -= e * U1[j : j + 1, j:]  # = the reference's k=1 matmul, bit for bit
             E1[:, j : j + 1] = e
         W[:, b1:] -= E1 @ U[b0:b1, b1:]
         loss += 0.5 * E1.double().square().sum()

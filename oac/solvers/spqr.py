@@ -1,15 +1,21 @@
 """SpQR (METHODS.md B3): small groups with bilevel statistics, unstructured outliers, OBS sweep.
 
-Order of operations replicates the reference on identical inputs:
-* act-order permutation, then damping with mean(|diag H|) BEFORE the dead-column fix;
+Order of operations replicates the reference (Vahe1994/SpQR) on identical inputs:
+* act-order permutation with the reference's default (unstable) ``argsort(diag H, descending)``, then
+  damping with the reference's float32 ``percdamp * abs(torch.diag(H)).mean()`` BEFORE the dead-column fix;
 * τ = outlier_threshold · mean_c(var_rows(W[:, c]) / u_c²), from the permuted, dead-fixed W;
 * group statistics are fitted on the CURRENT (error-updated) weights at each group start, after a
   leave-one-out (LOO) outlier-aware replacement of likely outliers;
 * per column: quantize, mark entries with ((w - ŵ)/u_c)² > τ as outliers (kept exactly, error 0),
-  then in-block OBS update in place and a lazy update of the columns right of the block.
+  then in-block OBS update in place (the reference's ``addr_``) and a lazy update (``addmm_``) of the
+  columns right of the block.
 
 ``target_outlier_fraction`` picks the threshold per layer (search in log space, few solves) for
 matched-budget comparisons; only the sweep is repeated, H is factorised once.
+
+The one intended difference from the reference: dead columns (diag H = 0) come back as exact zeros in Ŵ
+and never as outliers (METHODS.md D.5), where the reference leaves the grid value that its 0-free grid
+gives the zeroed column. They never reach the layer output and U decouples them, so nothing else changes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from oac.quant.bits import spqr_bits
 from oac.quant.grid import fake_quantize, fit_minmax, maxq_for
 from oac.solvers.common import (
     SolveResult,
+    act_order_permutation,
     check_finite,
     inverse_cholesky,
     layer_objective,
@@ -170,10 +177,18 @@ def _sweep(W0: Tensor, U: Tensor, tau: float, cfg: SpQRConfig) -> tuple[Tensor, 
                 e = torch.where(o, torch.zeros_like(e), e)
                 outliers[:, c : c + 1] = o
             W[:, c : c + 1] = q
-            W[:, c + 1 : b1].addmm_(e, U[c : c + 1, c + 1 : b1], alpha=-1)
+            W[:, c + 1 : b1].addr_(e[:, 0], U[c, c + 1 : b1], alpha=-1)  # the reference's in-block update
             E[:, c - b0 : c - b0 + 1] = e
         W[:, b1:].addmm_(E[:, : b1 - b0], U[b0:b1, b1:], alpha=-1)
     return W, outliers
+
+
+def permutation(H: Tensor, order: str) -> Tensor:
+    """The column order of the sweep: ``act_order`` is the reference's default (unstable) argsort of diag H,
+    descending (ties in that sort's order, METHODS.md A6); ``identity`` keeps the natural order."""
+    if order == "act_order":
+        return act_order_permutation(H)
+    return torch.arange(H.shape[0], device=H.device)
 
 
 def _search_threshold(run, start: float, target: float, cfg: SpQRConfig):
@@ -223,10 +238,7 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
     d_out, d_in = W_orig.shape
     n_weights = d_out * d_in
 
-    if cfg.permutation_order == "act_order":
-        perm = torch.argsort(H_orig.diagonal(), descending=True, stable=True)
-    else:
-        perm = torch.arange(d_in, device=W.device)
+    perm = permutation(H_orig, cfg.permutation_order)
     Wp = W_orig[:, perm].clone()
     U, dead, info = inverse_cholesky(
         H_orig[perm][:, perm], cfg.percdamp, order="damp_then_dead", retry_mode=cfg.damp_retry_mode,
@@ -255,7 +267,8 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
         thr, (Q, mask, frac), n_solves, hit = _search_threshold(run, float(start), float(target), cfg)
 
     # Dead columns never reach the output and U decouples them, so their values do not feed back. The
-    # reference leaves grid values there (0 is not forced into SpQR's grid); return exact zeros (D.5).
+    # reference leaves grid values there (0 is not forced into SpQR's grid); return exact zeros (D.5): the
+    # one intended difference from the reference.
     Q[:, dead] = 0.0
     mask[:, dead] = False
     frac = int(mask.sum()) / n_weights
