@@ -205,12 +205,21 @@ def test_non_finite_inputs():
         gptq.solve(W, H[:16, :16], GPTQConfig())
 
 
-@pytest.mark.parametrize("kw", [dict(wbits=0), dict(wbits=9), dict(groupsize=24), dict(blocksize=0),
+@pytest.mark.parametrize("kw", [dict(wbits=0), dict(wbits=9), dict(groupsize=0), dict(groupsize=-3), dict(blocksize=0),
                                 dict(static_groups=True), dict(damp_retry_mode="double")])
 def test_rejects_bad_config(kw):
     W, H = make_problem(d_out=8, d_in=32, n=64)
     with pytest.raises(ConfigError):
         gptq.solve(W, H, GPTQConfig(**kw))
+    with pytest.raises(ConfigError) as exc:  # the job's early check, before calibration
+        gptq.check_shape(GPTQConfig(**kw), 8, 32)
+    assert "\n" not in str(exc.value)
+
+
+def test_check_shape_accepts_any_d_in():
+    for g in (-1, 24, 128, 1000):
+        gptq.check_shape(GPTQConfig(groupsize=g, act_order=True), 576, 576)
+        gptq.check_shape(GPTQConfig(groupsize=g, static_groups=g != -1), 192, 1536)
 
 
 def test_stats_and_masks():
@@ -233,6 +242,46 @@ def test_stats_and_masks():
     # fp16 input works and is solved in fp32
     res16 = gptq.solve(W.half(), H, GPTQConfig(wbits=3))
     assert res16.weight.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- short last group (g does not divide d_in)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(act_order=True), dict(static_groups=True),
+                                dict(act_order=True, static_groups=True)],
+                         ids=["natural", "act_order", "static", "act_order+static"])
+def test_short_last_group_576_g128_equals_columnwise_reference(kw):
+    """SmolLM2's 576 = 4·128 + 64: groups of 128 consecutive (visited) columns and a 64-column last group.
+
+    With act-order the groups are consecutive *permuted* columns; with static groups they are the natural
+    column groups, fitted up front and looked up by original column index (as the reference)."""
+    W, H = make_problem(d_out=32, d_in=576, n=1024, seed=3, dead=[100, 575])
+    res = gptq.solve(W, H, GPTQConfig(wbits=3, groupsize=128, **kw))
+    Q = ref_obs(W, H, 3, groupsize=128, **kw)
+    assert_same(res.weight, Q)
+    visited = res.masks["perm"] if kw.get("act_order") else torch.arange(576)
+    short = visited[512:]  # the short group's columns (in original indexing), natural: 512..575
+    if kw.get("static_groups"):
+        short = torch.arange(512, 576)
+    assert_same(res.weight[:, short], Q[:, short])
+    assert res.masks["scale"].shape == res.masks["zero"].shape == (32, 5)
+    # the short group's own statistics: the codes of its columns are integers on its grid
+    if not kw.get("act_order") or kw.get("static_groups"):
+        s, z = res.masks["scale"][:, 4:5], res.masks["zero"][:, 4:5]
+        codes = res.weight[:, 512:] / s + z
+        assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert res.stats["bits_full"] == 3 + 32 * 5 / 576
+    assert (res.weight[:, [100, 575]] == 0).all()
+
+
+def test_short_last_group_static_fit_is_natural_and_up_front():
+    """Static groups: (s, z) of the last natural group [512, 576) are the min-max fit of the dead-fixed
+    original columns, whatever the visiting order."""
+    W, H = make_problem(d_out=16, d_in=576, n=1024, seed=4)
+    res = gptq.solve(W, H, GPTQConfig(wbits=3, groupsize=128, act_order=True, static_groups=True))
+    for m, c0 in enumerate(range(0, 576, 128)):
+        s, z = fit_minmax(W[:, c0 : c0 + 128], 3)
+        assert torch.equal(res.masks["scale"][:, m : m + 1], s) and torch.equal(res.masks["zero"][:, m : m + 1], z)
 
 
 # ---------------------------------------------------------------- damping and act-order: the references' expressions
@@ -352,7 +401,7 @@ def reference_gptq(W, H, wbits, groupsize=-1, blocksize=128, percdamp=0.01, act_
                                 dict(groupsize=64, act_order=True, static_groups=True), dict(blocksize=96)],
                          ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "channel")
 def test_bit_identical_to_the_reference_expressions(kw):
-    """With dead columns: equal bit for bit."""
-    W, H = make_problem(d_out=48, d_in=512, n=1024, seed=6, dead=[11, 300])
+    """On a 576-wide layer (short last group at g128), with dead columns: equal bit for bit."""
+    W, H = make_problem(d_out=48, d_in=576, n=1024, seed=6, dead=[11, 300])
     res = gptq.solve(W, H, GPTQConfig(wbits=3, **kw))
     assert torch.equal(res.weight, reference_gptq(W, H, 3, **kw))

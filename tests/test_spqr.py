@@ -10,7 +10,7 @@ from oac.quant.bits import spqr_bits
 from oac.quant.grid import fake_quantize, fit_minmax, maxq_for
 from tests.conftest import correlated_H
 from oac.solvers.common import inverse_cholesky
-from oac.solvers.spqr import SpQRConfig, fit_bilevel, loo_reduction, permutation, solve
+from oac.solvers.spqr import SpQRConfig, check_shape, fit_bilevel, loo_reduction, permutation, solve
 
 
 
@@ -207,8 +207,30 @@ def test_config_validation():
                 dict(permutation_order="spearman"), dict(outlier_threshold=0.0)):  # fmt: skip
         with pytest.raises(ConfigError):
             solve(W, H, SpQRConfig(**bad))
+        with pytest.raises(ConfigError) as exc:  # the job's early check, before calibration
+            check_shape(SpQRConfig(**bad), 32, 64)
+        assert "\n" not in str(exc.value)
     # without a second level, d_out need not be a multiple of qq_groupsize
     solve(W[:20], H, SpQRConfig(qq_scale_bits=None, qq_zero_bits=None))
+    check_shape(SpQRConfig(qq_scale_bits=None, qq_zero_bits=None), 20, 64)
+
+
+def test_check_shape_divisibility_messages():
+    """β1 must divide d_in (A1/B3) and β2 must divide d_out when a second level is used (B3 FIT_BILEVEL)."""
+    check_shape(SpQRConfig(), 576, 576)
+    check_shape(SpQRConfig(groupsize=64), 192, 1536)
+    check_shape(SpQRConfig(groupsize=None), 576, 100)
+    with pytest.raises(ConfigError, match=r"groupsize=128 does not divide d_in=576 \(layer shape \(576, 576\)\).*"
+                                          r"METHODS\.md A1.*B3") as exc:
+        check_shape(SpQRConfig(groupsize=128), 576, 576)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match=r"qq_groupsize=16 does not divide d_out=40 \(layer shape \(40, 64\)\)"
+                                          r".*B3 FIT_BILEVEL") as exc:
+        check_shape(SpQRConfig(), 40, 64)
+    assert "\n" not in str(exc.value)
+    # zeros alone still need the second-level grouping (validate_shapes used to check scales only)
+    with pytest.raises(ConfigError, match="qq_groupsize"):
+        check_shape(SpQRConfig(qq_scale_bits=None), 40, 64)
 
 
 def test_percdamp_is_applied_before_the_dead_fix():

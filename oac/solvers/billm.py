@@ -10,6 +10,8 @@ statistics are the reference's nanmean form Σ/n.
 The one intended difference from the reference: dead columns (diag H = 0) come back as exact zeros in Ŵ
 (METHODS.md D.5), where the reference leaves the μ ± α that BIN gives the zeroed column. They never reach
 the layer output and U decouples them, so nothing else changes.
+
+Any shape is accepted (:func:`check_shape` rejects only invalid settings).
 """
 
 from __future__ import annotations
@@ -50,6 +52,16 @@ def validate_config(cfg: BiLLMConfig, name: str = "layer") -> None:
         raise ConfigError(f"BiLLM {name}: blocksize, n_quantiles must be positive; max_salient_cols, percdamp >= 0")
     if cfg.damp_retry_mode not in ("add", "multiply"):
         raise ConfigError(f"BiLLM {name}: damp_retry_mode must be 'add' or 'multiply', got {cfg.damp_retry_mode!r}")
+
+
+def check_shape(cfg: BiLLMConfig, d_out: int, d_in: int) -> None:
+    """Raise a one-line ConfigError if ``cfg`` cannot quantize a d_out×d_in layer.
+
+    BiLLM accepts every shape: blocks are B consecutive columns with a shorter last block, and the salient
+    search caps k at n_cols − 1 (the reference needs >= 50 columns per block; this project does not), so only
+    invalid settings are rejected. Called by the job before calibration.
+    """
+    validate_config(cfg, f"{int(d_out)}x{int(d_in)} layer")
 
 
 def binarize(X: Tensor, M: Tensor, order: int) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
@@ -238,7 +250,7 @@ def solve(W: Tensor, H: Tensor, cfg: BiLLMConfig, name: str = "layer") -> SolveR
     n_weights = d_out * d_in
     n_salient = int(salient.sum())
     r = n_salient / n_weights
-    reported, full = billm_bits(r, B, d_out)
+    reported, full = billm_bits(r, B, d_out, d_in)
     stats = {
         "n_weights": n_weights,
         "n_salient": n_salient,

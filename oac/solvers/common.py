@@ -125,15 +125,23 @@ def inverse_cholesky(
             )
 
 
-def validate_uniform_config(wbits: int, groupsize: int, shape: tuple[int, int], method: str = "solver") -> None:
-    """Shared RTN/GPTQ checks: 1 <= wbits <= 8, groupsize -1 or a positive divisor of d_in (METHODS.md A1)."""
+def validate_uniform_config(
+    wbits: int, groupsize: int, shape: tuple[int, int], method: str = "solver", *, divisor_spec: str | None = None
+) -> None:
+    """Shared RTN/GPTQ/SpQR checks: 1 <= wbits <= 8 and groupsize -1 (per-channel) or a positive integer.
+
+    Any d_in is accepted (the last group of a row may be shorter, as in the GPTQ reference) unless
+    ``divisor_spec`` names the specification that requires groupsize to divide d_in (SpQR).
+    """
     if isinstance(wbits, bool) or not isinstance(wbits, int) or not 1 <= wbits <= 8:
         raise ConfigError(f"{method}: wbits must be an integer in 1..8, got {wbits!r}")
-    d_in = int(shape[1])
+    d_out, d_in = int(shape[0]), int(shape[1])
     if isinstance(groupsize, bool) or not isinstance(groupsize, int):
         raise ConfigError(f"{method}: groupsize must be an integer (-1 for per-channel), got {groupsize!r}")
-    if groupsize != -1 and (groupsize <= 0 or d_in % groupsize != 0):
-        raise ConfigError(
-            f"{method}: groupsize={groupsize} must be -1 or a positive divisor of d_in={d_in} "
-            f"(layer shape {tuple(int(s) for s in shape)})"
-        )
+    if groupsize != -1 and groupsize <= 0:
+        raise ConfigError(f"{method}: groupsize={groupsize} must be -1 (per-channel) or a positive integer "
+                          f"(layer shape {(d_out, d_in)})")
+    if divisor_spec and groupsize != -1 and d_in % groupsize:
+        raise ConfigError(f"{method}: groupsize={groupsize} does not divide d_in={d_in} (layer shape "
+                          f"{(d_out, d_in)}); {divisor_spec}")
+

@@ -4,7 +4,10 @@ Replicates the reference (IST-DASLab/gptq) on identical inputs, including its qu
 * per-channel (s, z) are fitted on the original W, before dead columns are zeroed;
 * damping is the reference's float32 ``percdamp * torch.mean(torch.diag(H))`` after the dead fix;
 * act-order is the reference's default (unstable) ``argsort(diag H, descending)``;
-* static groups are fitted after the dead fix, in natural column order, before any permutation;
+* groups are ``groupsize`` consecutive columns in visiting order, the last one shorter when groupsize
+  does not divide d_in (any d_in is accepted); with act-order they are consecutive *permuted* columns;
+* static groups are fitted after the dead fix on the natural column groups (last one shorter), before
+  any permutation, and each column uses the group of its ORIGINAL index;
 * non-static group fits read the *global* W, which lacks the in-block updates of the current block
   (stale unless the group starts on a block boundary), so for g < blocksize the block size matters.
 """
@@ -32,7 +35,7 @@ from oac.solvers.common import (
 @dataclass
 class GPTQConfig:
     wbits: int = 4
-    groupsize: int = -1  # -1: per-channel
+    groupsize: int = -1  # -1: per-channel; any g > 0 (the last group of a row is shorter if g ∤ d_in)
     blocksize: int = 128
     percdamp: float = 0.01
     act_order: bool = False
@@ -57,6 +60,15 @@ def validate_config(cfg: GPTQConfig, shape: tuple[int, int], name: str = "layer"
         raise ConfigError(f"GPTQ {name}: static_groups needs a groupsize (got -1)")
 
 
+def check_shape(cfg: GPTQConfig, d_out: int, d_in: int) -> None:
+    """Raise a one-line ConfigError if ``cfg`` cannot quantize a d_out×d_in layer.
+
+    GPTQ accepts every shape (a groupsize that does not divide d_in leaves a shorter last group, as in the
+    reference), so only invalid settings are rejected; called by the job before calibration.
+    """
+    validate_config(cfg, (int(d_out), int(d_in)))
+
+
 def solve(W: Tensor, H: Tensor, cfg: GPTQConfig, name: str = "layer") -> SolveResult:
     validate_config(cfg, tuple(W.shape), name)
     check_finite(W, H, name)
@@ -75,7 +87,7 @@ def solve(W: Tensor, H: Tensor, cfg: GPTQConfig, name: str = "layer") -> SolveRe
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    if cfg.static_groups:
+    if cfg.static_groups:  # natural column groups [i, i+g), the last one shorter if g ∤ d_in
         static = [fit(W[:, i : i + g]) for i in range(0, d_in, g)]
     perm = None
     if cfg.act_order:
@@ -135,7 +147,8 @@ def solve(W: Tensor, H: Tensor, cfg: GPTQConfig, name: str = "layer") -> SolveRe
         "n_dead": int(dead.sum()),
     }
     # (s, z) per row and group, in the order the groups were fitted (natural order for static groups,
-    # visiting order otherwise); with act_order, ``perm`` maps visiting position -> original column.
+    # visiting order otherwise), ceil(d_in/g) of them; with act_order, ``perm`` maps visiting position ->
+    # original column.
     masks = {"scale": torch.cat(scales, dim=1), "zero": torch.cat(zeros, dim=1)}
     if perm is not None:
         masks["perm"] = perm

@@ -16,6 +16,9 @@ matched-budget comparisons; only the sweep is repeated, H is factorised once.
 The one intended difference from the reference: dead columns (diag H = 0) come back as exact zeros in Ŵ
 and never as outliers (METHODS.md D.5), where the reference leaves the grid value that its 0-free grid
 gives the zeroed column. They never reach the layer output and U decouples them, so nothing else changes.
+
+Shapes: groupsize β1 must divide d_in and, when a second level is used, qq_groupsize β2 must divide d_out
+(:func:`check_shape`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ class SpQRConfig:
     max_percdamp: float = 10.0
 
 
+_GROUP_SPEC = ("SpQR needs groupsize to divide d_in: METHODS.md A1 allows groups only for d_in % g == 0 unless a "
+               "short last group is defined, which B3 (and its bits formula b + (…)/β1) does not; choose a "
+               "divisor or None (per-channel)")
+
+
 def _group(cfg: SpQRConfig, d_in: int) -> int:
     return d_in if cfg.groupsize in (None, -1) else cfg.groupsize
 
@@ -76,17 +84,20 @@ def _uses_qq(cfg: SpQRConfig) -> bool:
 
 
 def validate_config(cfg: SpQRConfig, shape: tuple[int, int], name: str = "layer") -> None:
-    d_out = int(shape[0])
+    d_out, d_in = int(shape[0]), int(shape[1])
     gs = -1 if cfg.groupsize is None else cfg.groupsize
-    validate_uniform_config(cfg.wbits, gs, shape, method=f"SpQR {name}")
+    validate_uniform_config(cfg.wbits, gs, (d_out, d_in), method=f"SpQR {name}", divisor_spec=_GROUP_SPEC)
     for field in ("qq_scale_bits", "qq_zero_bits"):
         v = getattr(cfg, field)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 16):
             raise ConfigError(f"SpQR {name}: {field} must be None or an integer in 1..16, got {v!r}")
-    if _uses_qq(cfg) and (cfg.qq_groupsize <= 0 or d_out % cfg.qq_groupsize != 0):
+    if _uses_qq(cfg) and (isinstance(cfg.qq_groupsize, bool) or not isinstance(cfg.qq_groupsize, int)
+                          or cfg.qq_groupsize <= 0 or d_out % cfg.qq_groupsize != 0):
         raise ConfigError(
-            f"SpQR {name}: qq_groupsize={cfg.qq_groupsize} must divide d_out={d_out} for the second-level "
-            f"statistics (layer shape {tuple(int(s) for s in shape)}); or set qq_scale_bits/qq_zero_bits to None"
+            f"SpQR {name}: qq_groupsize={cfg.qq_groupsize} does not divide d_out={d_out} (layer shape "
+            f"{(d_out, d_in)}); METHODS.md B3 FIT_BILEVEL quantizes scales/zeros over groups of qq_groupsize "
+            f"consecutive output rows, which requires d_out % qq_groupsize == 0; or set qq_scale_bits and "
+            f"qq_zero_bits to None"
         )
     if cfg.permutation_order not in ("act_order", "identity"):
         raise ConfigError(f"SpQR {name}: permutation_order must be 'act_order' or 'identity', "
@@ -100,6 +111,13 @@ def validate_config(cfg: SpQRConfig, shape: tuple[int, int], name: str = "layer"
         raise ConfigError(f"SpQR {name}: blocksize and max_target_solves must be positive and percdamp >= 0")
     if cfg.damp_retry_mode not in ("add", "multiply"):
         raise ConfigError(f"SpQR {name}: damp_retry_mode must be 'add' or 'multiply', got {cfg.damp_retry_mode!r}")
+
+
+def check_shape(cfg: SpQRConfig, d_out: int, d_in: int) -> None:
+    """Raise a one-line ConfigError if ``cfg`` cannot quantize a d_out×d_in layer: invalid settings, a
+    groupsize β1 that does not divide d_in, or (when a second level is used) a qq_groupsize β2 that does
+    not divide d_out. Called by the job before calibration."""
+    validate_config(cfg, (int(d_out), int(d_in)))
 
 
 def _requantize_stat(v: Tensor, bits: int, qq_groupsize: int, sym: bool) -> Tensor:
