@@ -148,10 +148,12 @@ def test_objective_below_plain_sign_binarization():
     alpha = (W - mu).abs().mean(1, keepdim=True)
     plain = alpha * torch.sign(W - mu) + mu
     base = layer_objective(W, plain, H)
-    for cfg in (BiLLMConfig(), BiLLMConfig(intra_block_feedback=True)):
+    for cfg in (BiLLMConfig(diagnostics=True), BiLLMConfig(intra_block_feedback=True, diagnostics=True)):
         res = solve(W, H, cfg)
         assert res.stats["objective"] == pytest.approx(layer_objective(W, res.weight, H))
         assert res.stats["objective"] < 0.8 * base
+        plain = solve(W, H, BiLLMConfig(intra_block_feedback=cfg.intra_block_feedback))
+        assert torch.equal(plain.weight, res.weight) and "objective" not in plain.stats  # opt-in only
 
 
 def test_intra_block_feedback_levels():

@@ -175,6 +175,8 @@ def test_scale_invariance():
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
     assert torch.equal(a.masks["outliers"], b.masks["outliers"])
     assert b.stats["objective"] == pytest.approx(1000 * a.stats["objective"], rel=1e-4)
+    a, b = solve(W, H, SpQRConfig(diagnostics=True)), solve(W, 1000 * H, SpQRConfig(diagnostics=True))
+    assert b.stats["objective"] == pytest.approx(1000 * a.stats["objective"], rel=1e-4)
 
 
 def test_reduces_to_gptq_without_outliers_and_second_level():
@@ -335,3 +337,23 @@ def test_bit_identical_to_the_reference_expressions(kw):
     assert torch.equal(res.weight[:, live], Wr[:, live]) and torch.equal(res.masks["outliers"][:, live], Mr[:, live])
     assert (res.weight[:, 20] == 0).all() and not res.masks["outliers"][:, 20].any()
     assert not (Wr[:, 20] == 0).all()  # where the reference keeps grid values
+
+
+def plain_objective(W, Q, H):
+    D = (W - Q).double()
+    return float(torch.trace(D @ H.double() @ D.T))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(outlier_threshold=0.3, permutation_order="identity"),
+                                dict(target_outlier_fraction=0.02), dict(outlier_threshold=math.inf)])
+def test_cheap_objective_equals_plain_formula(kw):
+    """Default objective = ‖E‖² − λ‖ΔW‖² over live columns (outliers have e = 0): the plain formula up to
+    float32 rounding; diagnostics=True gives the plain formula and changes no weight."""
+    W, H = heavy_W(32, 128), correlated_H(128)
+    H[9, :] = 0
+    H[:, 9] = 0
+    cheap, exact = solve(W, H, SpQRConfig(**kw)), solve(W, H, SpQRConfig(diagnostics=True, **kw))
+    assert torch.equal(cheap.weight, exact.weight) and torch.equal(cheap.masks["outliers"], exact.masks["outliers"])
+    ref = plain_objective(W, cheap.weight, H)
+    assert cheap.stats["objective"] == pytest.approx(ref, rel=1e-4)
+    assert exact.stats["objective"] == pytest.approx(ref, rel=1e-5)

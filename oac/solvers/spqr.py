@@ -18,7 +18,8 @@ and never as outliers (METHODS.md D.5), where the reference leaves the grid valu
 gives the zeroed column. They never reach the layer output and U decouples them, so nothing else changes.
 
 Shapes: groupsize β1 must divide d_in and, when a second level is used, qq_groupsize β2 must divide d_out
-(:func:`check_shape`).
+(:func:`check_shape`). Diagnostics: ``objective`` (tr(ΔW H ΔWᵀ), undamped H) comes from the sweep's OBS
+errors (O(d_out·d_in)); ``diagnostics=True`` evaluates the plain d_out·d_in² product instead.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from oac.solvers.common import (
     check_finite,
     inverse_cholesky,
     layer_objective,
+    obs_objective,
+    sq_dist,
     validate_uniform_config,
 )
 
@@ -66,6 +69,9 @@ class SpQRConfig:
     damp_retry_step: float = 0.01
     damp_retry_factor: float = 10.0
     max_percdamp: float = 10.0
+    # False: stats["objective"] from the sweep's OBS errors (O(d_out·d_in), equal to the plain formula up to
+    # float32 rounding, ~1e-5 relative). True: the plain tr(ΔW H ΔWᵀ) (2·d_out·d_in² flops). Never changes Ŵ.
+    diagnostics: bool = False
 
 
 _GROUP_SPEC = ("SpQR needs groupsize to divide d_in: METHODS.md A1 allows groups only for d_in % g == 0 unless a "
@@ -166,8 +172,11 @@ def loo_reduction(G: Tensor, u: Tensor, bits: int, sym: bool = False) -> Tensor:
     return base - loo
 
 
-def _sweep(W0: Tensor, U: Tensor, tau: float, cfg: SpQRConfig) -> tuple[Tensor, Tensor]:
-    """The column sweep of B3 on permuted, dead-fixed W0 with threshold τ (absolute). Returns (Ŵ, outliers)."""
+def _sweep(W0: Tensor, U: Tensor, tau: float, cfg: SpQRConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """The column sweep of B3 on permuted, dead-fixed W0 with threshold τ (absolute).
+
+    Returns (Ŵ, outliers, e2) with e2 [d_in] the float64 Σ_rows e_c² of the scaled OBS errors per column.
+    """
     W = W0.clone()
     d_out, d_in = W.shape
     g, B, maxq = _group(cfg, d_in), cfg.blocksize, maxq_for(cfg.wbits)
@@ -175,6 +184,7 @@ def _sweep(W0: Tensor, U: Tensor, tau: float, cfg: SpQRConfig) -> tuple[Tensor, 
     use_outliers = math.isfinite(tau)
     outliers = torch.zeros_like(W, dtype=torch.bool)
     E = torch.zeros(d_out, B, dtype=W.dtype, device=W.device)
+    e2 = torch.empty(d_in, dtype=torch.float64, device=W.device)
     for b0 in range(0, d_in, B):
         b1 = min(b0 + B, d_in)
         for c in range(b0, b1):
@@ -198,7 +208,8 @@ def _sweep(W0: Tensor, U: Tensor, tau: float, cfg: SpQRConfig) -> tuple[Tensor, 
             W[:, c + 1 : b1].addr_(e[:, 0], U[c, c + 1 : b1], alpha=-1)  # the reference's in-block update
             E[:, c - b0 : c - b0 + 1] = e
         W[:, b1:].addmm_(E[:, : b1 - b0], U[b0:b1, b1:], alpha=-1)
-    return W, outliers
+        e2[b0:b1] = E[:, : b1 - b0].double().square().sum(0)
+    return W, outliers, e2
 
 
 def permutation(H: Tensor, order: str) -> Tensor:
@@ -215,7 +226,8 @@ def _search_threshold(run, start: float, target: float, cfg: SpQRConfig):
     Bisection in log(threshold) on a bracket [a, b] (fraction(a) > target > fraction(b)); the trial point
     is the log-log interpolation of the bracket ends, kept inside the middle 80% of the bracket, or a
     geometric step of the same slope (fraction ~ τ^-1.5, B3 table) while one side is still missing.
-    Returns (threshold, (Ŵ, mask, fraction), n_solves, hit) of the solve closest to the target.
+    Returns (threshold, run(threshold), n_solves, hit) of the solve closest to the target (run(t)[2] is the
+    outlier fraction).
     """
     slope = 1.5
     thr, a, b, best, n = start, None, None, None, 0
@@ -257,10 +269,11 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
     n_weights = d_out * d_in
 
     perm = permutation(H_orig, cfg.permutation_order)
-    Wp = W_orig[:, perm].clone()
+    Wp = W_orig.index_select(1, perm)  # = W[:, perm], a copy (index_select gathers columns faster on CPU)
     U, dead, info = inverse_cholesky(
-        H_orig[perm][:, perm], cfg.percdamp, order="damp_then_dead", retry_mode=cfg.damp_retry_mode,
-        retry_step=cfg.damp_retry_step, retry_factor=cfg.damp_retry_factor, max_percdamp=cfg.max_percdamp,
+        H_orig.index_select(0, perm).index_select(1, perm), cfg.percdamp, order="damp_then_dead",
+        retry_mode=cfg.damp_retry_mode, retry_step=cfg.damp_retry_step, retry_factor=cfg.damp_retry_factor,
+        max_percdamp=cfg.max_percdamp, overwrite=True,
     )  # fmt: skip
     Wp[:, dead] = 0.0
     # unbiased variance over rows of each column, relative to u_c²; W before any update
@@ -268,21 +281,24 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
 
     def run(thr: float):
         tau = math.inf if math.isinf(thr) else thr * tau_scale
-        Q, mask = _sweep(Wp, U, tau, cfg)
-        return Q, mask, int(mask.sum()) / n_weights
+        Q, mask, e2 = _sweep(Wp, U, tau, cfg)
+        return Q, mask, int(mask.sum()) / n_weights, e2
 
     target = cfg.target_outlier_fraction
     n_solves, hit = 1, None
     if target is None:
         thr = float(cfg.outlier_threshold)
-        Q, mask, frac = run(thr)
+        Q, mask, frac, e2 = run(thr)
     elif target == 0:
         thr = math.inf
-        Q, mask, frac = run(thr)
+        Q, mask, frac, e2 = run(thr)
         hit = True
     else:
         start = cfg.outlier_threshold if math.isfinite(cfg.outlier_threshold) else 1.0
-        thr, (Q, mask, frac), n_solves, hit = _search_threshold(run, float(start), float(target), cfg)
+        thr, (Q, mask, frac, e2), n_solves, hit = _search_threshold(run, float(start), float(target), cfg)
+    live = ~dead
+    if not cfg.diagnostics:  # live columns only: dead ones are decoupled in H_d and absent from H
+        objective = obs_objective(float(e2[live].sum()), info["damp"], sq_dist(Wp, Q, live))
 
     # Dead columns never reach the output and U decouples them, so their values do not feed back. The
     # reference leaves grid values there (0 is not forced into SpQR's grid); return exact zeros (D.5): the
@@ -291,7 +307,9 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
     mask[:, dead] = False
     frac = int(mask.sum()) / n_weights
     inv = torch.argsort(perm)
-    Q, mask = Q[:, inv], mask[:, inv]
+    Q, mask = Q.index_select(1, inv), mask.index_select(1, inv)
+    if cfg.diagnostics:
+        objective = layer_objective(W_orig, Q, H_orig)
     g = _group(cfg, d_in)
     bits = spqr_bits(cfg.wbits, g, cfg.qq_groupsize, frac, qq_scale_bits=cfg.qq_scale_bits,
                      qq_zero_bits=cfg.qq_zero_bits, round_zero=cfg.round_zero)
@@ -308,7 +326,7 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
         "percdamp_used": info["percdamp_used"],
         "damp_retries": info["damp_retries"],
         "n_dead": int(dead.sum()),
-        "objective": layer_objective(W_orig, Q, H_orig),
+        "objective": objective,
         "bits_nominal": float(cfg.wbits),
         "bits_reported": bits,
         "bits_full": bits,
