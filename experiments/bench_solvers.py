@@ -150,6 +150,7 @@ def bench_case(fn, cfg, W, H, device: str, repeats: int, slow_after: float) -> t
         mems.append(mem.mib)
         weight = res.weight
         rel_err = float((weight - W.float()).norm() / W.float().norm())
+        diag_s = res.stats.get("diagnostics_s")
         del res
         if times[-1] > slow_after:
             break  # one more repeat would cost too much on a small machine
@@ -159,6 +160,7 @@ def bench_case(fn, cfg, W, H, device: str, repeats: int, slow_after: float) -> t
         "repeats": len(times),
         "peak_extra_mib": max(mems),
         "rel_err": rel_err,
+        "diag_share": "" if diag_s is None else diag_s / times[-1],  # of the last repeat, as timed by the solver
     }, weight
 
 
@@ -166,19 +168,24 @@ def _fmt_s(x) -> str:
     return "" if x is None else f"{x:.2f}"
 
 
+def _fmt_share(x) -> str:
+    return "" if x in (None, "") else f"{100 * x:.1f} %"
+
+
 def summary_table(rows: list[dict], thread_counts: list[int]) -> list[str]:
-    """One line per (device, solver, shape): times at each thread count without / with diagnostics."""
+    """One line per (device, solver, shape): times at each thread count without / with diagnostics, and the
+    share of each solve spent on its diagnostics (timed inside the solver)."""
     keyed: dict[tuple, dict] = {}
     for r in rows:
         if "error" in r:
             continue
         k = (r["device"], r["solver"], r["model"], r["layers"], r["d_out"], r["d_in"])
-        keyed.setdefault(k, {})[(r["threads"], r["diagnostics"])] = r["median_s"]
+        keyed.setdefault(k, {})[(r["threads"], r["diagnostics"])] = r
     head = "| device | solver | model | layers | d_out×d_in |"
     sep = "|---|---|---|---|---|"
     for t in thread_counts:
-        head += f" {t} thr: s | {t} thr, diag: s | diag cost |"
-        sep += "---:|---:|---:|"
+        head += f" {t} thr: s | its diag share | {t} thr, diag: s | its diag share |"
+        sep += "---:|---:|---:|---:|"
     head += " official, 1 thr: s |"
     sep += "---:|"
     out = [head, sep]
@@ -186,9 +193,9 @@ def summary_table(rows: list[dict], thread_counts: list[int]) -> list[str]:
         dev, solver, model, layers, d_out, d_in = k
         line = f"| {dev} | {solver} | {model} | {layers} | {d_out}×{d_in} |"
         for t in thread_counts:
-            off, on = v.get((t, False)), v.get((t, True))
-            cost = f"{100 * (on - off) / off:+.0f} %" if off and on else ""
-            line += f" {_fmt_s(off)} | {_fmt_s(on)} | {cost} |"
+            for diag in (False, True):
+                r = v.get((t, diag), {})
+                line += f" {_fmt_s(r.get('median_s'))} | {_fmt_share(r.get('diag_share'))} |"
         line += f" {OFFICIAL_1T.get((solver, d_out, d_in), '')} |"
         out.append(line)
     return out
@@ -208,6 +215,7 @@ def main(argv=None) -> None:
                     help="comma list of torch CPU thread counts; 'all' = os.cpu_count() (default: 1,all)")
     ap.add_argument("--diagnostics", default="off,on", help="comma list of off,on (default: both)")
     ap.add_argument("--out", type=Path, default=Path("results/bench"))
+    ap.add_argument("--note", default="", help="a paragraph added to the md report (e.g. machine conditions)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     thread_counts = list(dict.fromkeys(os.cpu_count() if t == "all" else int(t) for t in args.threads.split(",")))
@@ -272,7 +280,7 @@ def main(argv=None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     fields = ["device", "solver", "model", "layers", "d_out", "d_in", "threads", "diagnostics", "median_s", "min_s",
-              "repeats", "peak_extra_mib", "rel_err", "same_w", "official_1t_s", "error"]
+              "repeats", "peak_extra_mib", "rel_err", "diag_share", "same_w", "official_1t_s", "error"]
     with open(args.out / "solvers.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -295,26 +303,29 @@ def main(argv=None) -> None:
         f"median of up to {args.repeats} repeats (fewer when one solve exceeds {args.slow_after:g} s). "
         "diag = `diagnostics=True` (the exact tr(ΔW H ΔWᵀ) by the plain d_out·d_in² product; RTN: H passed); "
         "without it GPTQ/SpQR still report `loss` and `objective` from the sweep's OBS errors, BiLLM no objective. "
+        "'diag share' = the solver's own `stats['diagnostics_s']` (wall time of its loss/objective code) over the "
+        "solve time. "
         "'official' = one-thread times of the reference implementations on this kind of machine. Configs: "
         + "; ".join(f"`{n}` = {cfg}" for n, (_, cfg) in solvers.items()),
         "",
+        *([args.note, ""] if args.note else []),
         *summary_table(rows, thread_counts),
         "",
         "All runs (same Ŵ = bit-identical to the first run of that solver and shape, "
         f"{thread_counts[0]} thread(s) without diagnostics):",
         "",
         "| device | solver | model | layers | d_out×d_in | threads | diag | median s | min s | n | peak +MiB "
-        "| ‖Ŵ−W‖/‖W‖ | same Ŵ |",
-        "|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| ‖Ŵ−W‖/‖W‖ | diag share | same Ŵ |",
+        "|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         pre = (f"| {r['device']} | {r['solver']} | {r['model']} | {r['layers']} | {r['d_out']}×{r['d_in']} "
                f"| {r['threads']} | {'on' if r['diagnostics'] else 'off'} ")
         if "error" in r:
-            lines.append(pre + f"| error: {r['error'][:80]} | | | | | |")
+            lines.append(pre + f"| error: {r['error'][:80]} | | | | | | |")
             continue
         lines.append(pre + f"| {r['median_s']:.3f} | {r['min_s']:.3f} | {r['repeats']} | {r['peak_extra_mib']:.0f} "
-                     f"| {r['rel_err']:.4f} | {'yes' if r['same_w'] else 'NO'} |")
+                     f"| {r['rel_err']:.4f} | {_fmt_share(r['diag_share'])} | {'yes' if r['same_w'] else 'NO'} |")
     (args.out / "solvers.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s and %s", args.out / "solvers.md", args.out / "solvers.csv")
 

@@ -18,6 +18,7 @@ is computed, with the plain d_out·d_in² product, only with ``diagnostics=True`
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -268,6 +269,8 @@ def solve(W: Tensor, H: Tensor, cfg: BiLLMConfig, name: str = "layer") -> SolveR
         "damp_retries": info["damp_retries"],
         "n_dead": int(dead.sum()),
     }
+    t0 = time.perf_counter()
     if cfg.diagnostics:
         stats["objective"] = layer_objective(W_orig, W, H_orig)
+    stats["diagnostics_s"] = time.perf_counter() - t0
     return SolveResult(weight=W, stats=stats, masks={"salient": salient})

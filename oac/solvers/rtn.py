@@ -8,6 +8,7 @@ group of every row is shorter (as GPTQ's reference does). ``H`` is ignored excep
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +65,9 @@ def solve(W: Tensor, H: Tensor | None, cfg: RTNConfig, name: str = "layer") -> S
         "bits_full": full,
         "n_weights": W.numel(),
     }
+    t0 = time.perf_counter()
     if H is not None:
         stats["objective"] = layer_objective(Wf, Q, H.to(Wf.device))
+    stats["diagnostics_s"] = time.perf_counter() - t0
     masks = {"scale": scale, "zero": zero}
     return SolveResult(weight=Q, stats=stats, masks=masks)

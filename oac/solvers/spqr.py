@@ -25,6 +25,7 @@ errors (O(d_out·d_in)); ``diagnostics=True`` evaluates the plain d_out·d_in² 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -172,10 +173,11 @@ def loo_reduction(G: Tensor, u: Tensor, bits: int, sym: bool = False) -> Tensor:
     return base - loo
 
 
-def _sweep(W0: Tensor, U: Tensor, tau: float, cfg: SpQRConfig) -> tuple[Tensor, Tensor, Tensor]:
+def _sweep(W0: Tensor, U: Tensor, tau: float, cfg: SpQRConfig) -> tuple[Tensor, Tensor, Tensor, float]:
     """The column sweep of B3 on permuted, dead-fixed W0 with threshold τ (absolute).
 
-    Returns (Ŵ, outliers, e2) with e2 [d_in] the float64 Σ_rows e_c² of the scaled OBS errors per column.
+    Returns (Ŵ, outliers, e2, t) with e2 [d_in] the float64 Σ_rows e_c² of the scaled OBS errors per column
+    and t the wall time spent on e2 (a diagnostic).
     """
     W = W0.clone()
     d_out, d_in = W.shape
@@ -185,6 +187,7 @@ def _sweep(W0: Tensor, U: Tensor, tau: float, cfg: SpQRConfig) -> tuple[Tensor, 
     outliers = torch.zeros_like(W, dtype=torch.bool)
     E = torch.zeros(d_out, B, dtype=W.dtype, device=W.device)
     e2 = torch.empty(d_in, dtype=torch.float64, device=W.device)
+    t_e2 = 0.0
     for b0 in range(0, d_in, B):
         b1 = min(b0 + B, d_in)
         for c in range(b0, b1):
@@ -208,8 +211,10 @@ def _sweep(W0: Tensor, U: Tensor, tau: float, cfg: SpQRConfig) -> tuple[Tensor, 
             W[:, c + 1 : b1].addr_(e[:, 0], U[c, c + 1 : b1], alpha=-1)  # the reference's in-block update
             E[:, c - b0 : c - b0 + 1] = e
         W[:, b1:].addmm_(E[:, : b1 - b0], U[b0:b1, b1:], alpha=-1)
+        t0 = time.perf_counter()
         e2[b0:b1] = E[:, : b1 - b0].double().square().sum(0)
-    return W, outliers, e2
+        t_e2 += time.perf_counter() - t0
+    return W, outliers, e2, t_e2
 
 
 def permutation(H: Tensor, order: str) -> Tensor:
@@ -281,24 +286,26 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
 
     def run(thr: float):
         tau = math.inf if math.isinf(thr) else thr * tau_scale
-        Q, mask, e2 = _sweep(Wp, U, tau, cfg)
-        return Q, mask, int(mask.sum()) / n_weights, e2
+        Q, mask, e2, t_e2 = _sweep(Wp, U, tau, cfg)
+        return Q, mask, int(mask.sum()) / n_weights, e2, t_e2
 
     target = cfg.target_outlier_fraction
     n_solves, hit = 1, None
     if target is None:
         thr = float(cfg.outlier_threshold)
-        Q, mask, frac, e2 = run(thr)
+        Q, mask, frac, e2, t_e2 = run(thr)
     elif target == 0:
         thr = math.inf
-        Q, mask, frac, e2 = run(thr)
+        Q, mask, frac, e2, t_e2 = run(thr)
         hit = True
     else:
         start = cfg.outlier_threshold if math.isfinite(cfg.outlier_threshold) else 1.0
-        thr, (Q, mask, frac, e2), n_solves, hit = _search_threshold(run, float(start), float(target), cfg)
+        thr, (Q, mask, frac, e2, t_e2), n_solves, hit = _search_threshold(run, float(start), float(target), cfg)
     live = ~dead
+    t0 = time.perf_counter()
     if not cfg.diagnostics:  # live columns only: dead ones are decoupled in H_d and absent from H
         objective = obs_objective(float(e2[live].sum()), info["damp"], sq_dist(Wp, Q, live))
+    t_diag = t_e2 + time.perf_counter() - t0  # (e2 of the kept solve only, with target_outlier_fraction)
 
     # Dead columns never reach the output and U decouples them, so their values do not feed back. The
     # reference leaves grid values there (0 is not forced into SpQR's grid); return exact zeros (D.5): the
@@ -309,7 +316,9 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
     inv = torch.argsort(perm)
     Q, mask = Q.index_select(1, inv), mask.index_select(1, inv)
     if cfg.diagnostics:
+        t0 = time.perf_counter()
         objective = layer_objective(W_orig, Q, H_orig)
+        t_diag += time.perf_counter() - t0
     g = _group(cfg, d_in)
     bits = spqr_bits(cfg.wbits, g, cfg.qq_groupsize, frac, qq_scale_bits=cfg.qq_scale_bits,
                      qq_zero_bits=cfg.qq_zero_bits, round_zero=cfg.round_zero)
@@ -327,6 +336,7 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
         "damp_retries": info["damp_retries"],
         "n_dead": int(dead.sum()),
         "objective": objective,
+        "diagnostics_s": t_diag,
         "bits_nominal": float(cfg.wbits),
         "bits_reported": bits,
         "bits_full": bits,
