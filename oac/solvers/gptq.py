@@ -1,14 +1,24 @@
 """GPTQ (METHODS.md B2, with the Hessian preparation of A3 and the lazy OBS sweep of A4).
 
-Replicates the reference behaviour on identical inputs, including its quirks:
+Replicates the reference (IST-DASLab/gptq) on identical inputs, including its quirks:
 * per-channel (s, z) are fitted on the original W, before dead columns are zeroed;
-* static groups are fitted after the dead fix, in natural column order, before any permutation;
+* damping is the reference's float32 ``percdamp * torch.mean(torch.diag(H))`` after the dead fix;
+* act-order is the reference's default (unstable) ``argsort(diag H, descending)``;
+* groups are ``groupsize`` consecutive columns in visiting order, the last one shorter when groupsize
+  does not divide d_in (any d_in is accepted); with act-order they are consecutive *permuted* columns;
+* static groups are fitted after the dead fix on the natural column groups (last one shorter), before
+  any permutation, and each column uses the group of its ORIGINAL index;
 * non-static group fits read the *global* W, which lacks the in-block updates of the current block
   (stale unless the group starts on a block boundary), so for g < blocksize the block size matters.
+
+Diagnostics: ``loss`` (½ Σ e², the reference's "error") and ``objective`` (tr(ΔW H ΔWᵀ) for the undamped H)
+come from the errors the sweep computes anyway (:func:`oac.solvers.common.obs_objective`, O(d_out·d_in));
+``diagnostics=True`` evaluates ``objective`` with the plain d_out·d_in² product instead.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,17 +31,19 @@ from oac.quant.bits import uniform_bits
 from oac.quant.grid import fake_quantize, fit_minmax, maxq_for
 from oac.solvers.common import (
     SolveResult,
+    act_order_permutation,
     check_finite,
     inverse_cholesky,
     layer_objective,
-    validate_uniform_config,
+    obs_objective,
+    sq_dist,
 )
 
 
 @dataclass
 class GPTQConfig:
     wbits: int = 4
-    groupsize: int = -1  # -1: per-channel
+    groupsize: int = -1  # -1: per-channel; any g > 0 (the last group of a row is shorter if g ∤ d_in)
     blocksize: int = 128
     percdamp: float = 0.01
     act_order: bool = False
@@ -42,103 +54,10 @@ class GPTQConfig:
     damp_retry_step: float = 0.01
     damp_retry_factor: float = 10.0
     max_percdamp: float = 10.0
-
-
-def validate_config(cfg: GPTQConfig, shape: tuple[int, int], name: str = "layer") -> None:
-    validate_uniform_config(cfg.wbits, cfg.groupsize, shape, method=f"GPTQ {name}")
-    if cfg.blocksize <= 0:
-        raise ConfigError(f"GPTQ {name}: blocksize must be positive, got {cfg.blocksize}")
-    if cfg.percdamp < 0:
-        raise ConfigError(f"GPTQ {name}: percdamp must be >= 0, got {cfg.percdamp}")
-    if cfg.damp_retry_mode not in ("add", "multiply"):
-        raise ConfigError(f"GPTQ {name}: damp_retry_mode must be 'add' or 'multiply', got {cfg.damp_retry_mode!r}")
-    if cfg.static_groups and cfg.groupsize == -1:
-        raise ConfigError(f"GPTQ {name}: static_groups needs a groupsize (got -1)")
-
-
-def solve(W: Tensor, H: Tensor, cfg: GPTQConfig, name: str = "layer") -> SolveResult:
-    validate_config(cfg, tuple(W.shape), name)
-    check_finite(W, H, name)
-    W_orig = W.detach().float()
-    W = W_orig.clone()
-    H_orig = H.detach().to(W.device).float()
-    H = H_orig.clone()
-    d_out, d_in = W.shape
-    g, B, maxq = cfg.groupsize, cfg.blocksize, maxq_for(cfg.wbits)
-
-    def fit(x: Tensor) -> tuple[Tensor, Tensor]:
-        return fit_minmax(x, cfg.wbits, sym=cfg.sym, variant="gptq", mse=cfg.mse)
-
-    if g == -1:
-        scale, zero = fit(W)  # original weights: before dead-zeroing and any update
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    if cfg.static_groups:
-        static = [fit(W[:, i : i + g]) for i in range(0, d_in, g)]
-    perm = None
-    if cfg.act_order:
-        perm = torch.argsort(H.diagonal(), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-        order = perm.tolist()
-    U, _, info = inverse_cholesky(
-        H, cfg.percdamp, order="dead_then_damp", retry_mode=cfg.damp_retry_mode,
-        retry_step=cfg.damp_retry_step, retry_factor=cfg.damp_retry_factor, max_percdamp=cfg.max_percdamp,
-    )  # fmt: skip
-    del H
-
-    Q = torch.zeros_like(W)
-    loss = torch.zeros((), dtype=torch.float64, device=W.device)
-    scales, zeros = [], []
-    for b0 in range(0, d_in, B):
-        b1 = min(b0 + B, d_in)
-        W1 = W[:, b0:b1].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[b0:b1, b0:b1]
-        for j in range(b1 - b0):
-            c = b0 + j
-            if g != -1 and cfg.static_groups:
-                scale, zero = static[(order[c] if perm is not None else c) // g]
-            elif g != -1 and c % g == 0:
-                scale, zero = fit(W[:, c : c + g])  # global W: stale for groups starting inside a block
-                scales.append(scale)
-                zeros.append(zero)
-            w = W1[:, j : j + 1]
-            q = fake_quantize(w, scale, zero, maxq, "gptq")
-            Q[:, c : c + 1] = q
-            e = (w - q) / U1[j, j]
-            W1[:, j:] -= e * U1[j : j + 1, j:]
-            E1[:, j : j + 1] = e
-        W[:, b1:] -= E1 @ U[b0:b1, b1:]
-        loss += 0.5 * E1.double().square().sum()
-
-    if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    if g == -1:
-        scales, zeros = [scale], [zero]
-    elif cfg.static_groups:
-        scales, zeros = [s for s, _ in static], [z for _, z in static]
-
-    reported, full = uniform_bits(cfg.wbits, g, d_in)
-    stats = {
-        "wbits": cfg.wbits,
-        "groupsize": g,
-        "bits_nominal": float(cfg.wbits),
-        "bits_reported": reported,
-        "bits_full": full,
-        "n_weights": W.numel(),
-        "loss": float(loss),
-        "objective": layer_objective(W_orig, Q, H_orig),
-        "percdamp_used": info["percdamp_used"],
-        "damp_retries": info["damp_retries"],
-        "n_dead": int(dead.sum()),
-    }
-    # (s, z) per row and group, in the order the groups were fitted (natural order for static groups,
-    # visiting order otherwise); with act_order, ``perm`` maps visiting position -> original column.
-    masks = {"scale": torch.cat(scales, dim=1), "zero": torch.cat(zeros, dim=1)}
-    if perm is not None:
-        masks["perm"] = perm
-    return SolveResult(weight=Q, stats=stats, masks=masks)
+    # False: stats["objective"] from the sweep's OBS errors (cost O(d_out·d_in), equal to the plain formula up
+    # to float32 rounding, ~1e-5 relative). True: the plain tr(ΔW H ΔWᵀ) (2·d_out·d_in² flops, about as much
+    # as the solve itself). Never changes the weights.
+    diagnostics: bool = False
 
 
 def validate_options(cfg: GPTQConfig) -> None:
@@ -152,4 +71,135 @@ def validate_options(cfg: GPTQConfig) -> None:
         raise ConfigError("method.static_groups=true needs a groupsize (got groupsize=-1)")
 
 
-SOLVER = SolverSpec("gptq", GPTQConfig, solve, validate_options=validate_options, order=20)
+
+def validate_config(cfg: GPTQConfig, shape: tuple[int, int], name: str = "layer") -> None:
+    """GPTQ accepts every layer shape (a shorter last group when groupsize does not divide d_in)."""
+    validate_options(cfg)
+
+
+def check_shape(cfg: GPTQConfig, d_out: int, d_in: int) -> None:
+    """Raise a one-line ConfigError if ``cfg`` cannot quantize a d_out×d_in layer.
+
+    GPTQ accepts every shape (a groupsize that does not divide d_in leaves a shorter last group, as in the
+    reference), so only invalid settings are rejected; called by the job before calibration.
+    """
+    validate_config(cfg, (int(d_out), int(d_in)))
+
+
+def solve(W: Tensor, H: Tensor, cfg: GPTQConfig, name: str = "layer") -> SolveResult:
+    validate_config(cfg, tuple(W.shape), name)
+    check_finite(W, H, name)
+    W_orig = W.detach().float()
+    W = W_orig.clone()
+    H_in = H.detach().to(device=W.device, dtype=torch.float32)  # the caller's tensor when already fp32: read only
+    d_out, d_in = W.shape
+    g, B, maxq = cfg.groupsize, cfg.blocksize, maxq_for(cfg.wbits)
+
+    def fit(x: Tensor) -> tuple[Tensor, Tensor]:
+        return fit_minmax(x, cfg.wbits, sym=cfg.sym, variant="gptq", mse=cfg.mse)
+
+    if g == -1:
+        scale, zero = fit(W)  # original weights: before dead-zeroing and any update
+    diag = torch.diag(H_in)
+    dead = diag == 0
+    W[:, dead] = 0.0
+    if cfg.static_groups:  # natural column groups [i, i+g), the last one shorter if g ∤ d_in
+        static = [fit(W[:, i : i + g]) for i in range(0, d_in, g)]
+    perm = None
+    if cfg.act_order:
+        # the reference's argsort of diag(H) after the dead fix H[dead, dead] = 1; permuting the caller's H
+        # directly (the gather is the solver's copy) and fixing the permuted dead entries gives the same
+        # matrix as fixing then permuting, without a third d_in² copy
+        perm = act_order_permutation(torch.where(dead, torch.ones_like(diag), diag))
+        # = W[:, perm], H[perm][:, perm]; index_select gathers columns about twice as fast on CPU
+        W, H = W.index_select(1, perm), H_in.index_select(0, perm).index_select(1, perm)
+        dead_p = dead[perm]
+        H[dead_p, dead_p] = 1.0
+        order = perm.tolist()
+    else:
+        H = H_in.clone()  # the solver's own copy
+        H[dead, dead] = 1.0
+    U, _, info = inverse_cholesky(
+        H, cfg.percdamp, order="dead_then_damp", retry_mode=cfg.damp_retry_mode, retry_step=cfg.damp_retry_step,
+        retry_factor=cfg.damp_retry_factor, max_percdamp=cfg.max_percdamp, overwrite=True,
+    )  # fmt: skip
+    del H
+
+    Q = torch.empty_like(W)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    t_diag = 0.0  # wall time of the diagnostics (loss, objective), reported as stats["diagnostics_s"]
+    scales, zeros = [], []
+    # Preallocated products: the in-block outer product e·U[j, j:] and the lazy E1·U[b0:b1, b1:] are computed
+    # into these (the same float32 products as the reference's temporaries, then subtracted), which saves a
+    # fresh multi-MB allocation (page faults) per column and per block.
+    outer = torch.empty(d_out * min(B, d_in), dtype=W.dtype, device=W.device)
+    lazy = torch.empty(d_out * max(d_in - B, 0), dtype=W.dtype, device=W.device)
+    for b0 in range(0, d_in, B):
+        b1 = min(b0 + B, d_in)
+        W1 = W[:, b0:b1].clone()
+        Q1 = torch.empty_like(W1)  # block-local, as the reference: no strided writes into the full Q
+        E1 = torch.empty_like(W1)
+        U1 = U[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            c = b0 + j
+            if g != -1 and cfg.static_groups:
+                scale, zero = static[(order[c] if perm is not None else c) // g]
+            elif g != -1 and c % g == 0:
+                scale, zero = fit(W[:, c : c + g])  # global W: stale for groups starting inside a block
+                scales.append(scale)
+                zeros.append(zero)
+            w = W1[:, j : j + 1]
+            q = fake_quantize(w, scale, zero, maxq, "gptq")
+            Q1[:, j : j + 1] = q
+            e = (w - q) / U1[j, j]
+            # the reference's k=1 matmul err·Hinv[i, i:] (a broadcast multiply gives the same bits but ran ~10×
+            # slower here: it picked a strided loop order)
+            W1[:, j:] -= torch.mm(e, U1[j : j + 1, j:], out=outer[: d_out * (b1 - c)].view(d_out, b1 - c))
+            E1[:, j : j + 1] = e
+        Q[:, b0:b1] = Q1
+        if b1 < d_in:
+            W[:, b1:] -= torch.mm(E1, U[b0:b1, b1:], out=lazy[: d_out * (d_in - b1)].view(d_out, d_in - b1))
+        t0 = time.perf_counter()
+        e1 = E1.view(-1)
+        loss += 0.5 * torch.dot(e1, e1).double()  # float32 BLAS dot per block, accumulated in float64
+        t_diag += time.perf_counter() - t0
+
+    if perm is not None:
+        Q = Q.index_select(1, torch.argsort(perm))
+    if g == -1:
+        scales, zeros = [scale], [zero]
+    elif cfg.static_groups:
+        scales, zeros = [s for s, _ in static], [z for _, z in static]
+
+    t0 = time.perf_counter()
+    if cfg.diagnostics:
+        objective = layer_objective(W_orig, Q, H_in)
+    else:  # dead columns: zero in Q and in H, excluded from ‖ΔW‖²; there e = 0 already
+        objective = obs_objective(2 * float(loss), info["damp"], sq_dist(W_orig, Q, ~dead))
+    t_diag += time.perf_counter() - t0
+    reported, full = uniform_bits(cfg.wbits, g, d_in)
+    stats = {
+        "wbits": cfg.wbits,
+        "groupsize": g,
+        "bits_nominal": float(cfg.wbits),
+        "bits_reported": reported,
+        "bits_full": full,
+        "n_weights": W.numel(),
+        "loss": float(loss),
+        "objective": objective,
+        "diagnostics_s": t_diag,
+        "percdamp_used": info["percdamp_used"],
+        "damp_retries": info["damp_retries"],
+        "n_dead": int(dead.sum()),
+    }
+    # (s, z) per row and group, in the order the groups were fitted (natural order for static groups,
+    # visiting order otherwise), ceil(d_in/g) of them; with act_order, ``perm`` maps visiting position ->
+    # original column.
+    masks = {"scale": torch.cat(scales, dim=1), "zero": torch.cat(zeros, dim=1)}
+    if perm is not None:
+        masks["perm"] = perm
+    return SolveResult(weight=Q, stats=stats, masks=masks)
+
+
+SOLVER = SolverSpec("gptq", GPTQConfig, solve, validate_options=validate_options,
+                    check_shape=check_shape, order=20)

@@ -1,20 +1,31 @@
 """SpQR (METHODS.md B3): small groups with bilevel statistics, unstructured outliers, OBS sweep.
 
-Order of operations replicates the reference on identical inputs:
-* act-order permutation, then damping with mean(|diag H|) BEFORE the dead-column fix;
+Order of operations replicates the reference (Vahe1994/SpQR) on identical inputs:
+* act-order permutation with the reference's default (unstable) ``argsort(diag H, descending)``, then
+  damping with the reference's float32 ``percdamp * abs(torch.diag(H)).mean()`` BEFORE the dead-column fix;
 * τ = outlier_threshold · mean_c(var_rows(W[:, c]) / u_c²), from the permuted, dead-fixed W;
 * group statistics are fitted on the CURRENT (error-updated) weights at each group start, after a
   leave-one-out (LOO) outlier-aware replacement of likely outliers;
 * per column: quantize, mark entries with ((w - ŵ)/u_c)² > τ as outliers (kept exactly, error 0),
-  then in-block OBS update in place and a lazy update of the columns right of the block.
+  then in-block OBS update in place (the reference's ``addr_``) and a lazy update (``addmm_``) of the
+  columns right of the block.
 
 ``target_outlier_fraction`` picks the threshold per layer (search in log space, few solves) for
 matched-budget comparisons; only the sweep is repeated, H is factorised once.
+
+The one intended difference from the reference: dead columns (diag H = 0) come back as exact zeros in Ŵ
+and never as outliers (METHODS.md D.5), where the reference leaves the grid value that its 0-free grid
+gives the zeroed column. They never reach the layer output and U decouples them, so nothing else changes.
+
+Shapes: groupsize β1 must divide d_in and, when a second level is used, qq_groupsize β2 must divide d_out
+(:func:`check_shape`). Diagnostics: ``objective`` (tr(ΔW H ΔWᵀ), undamped H) comes from the sweep's OBS
+errors (O(d_out·d_in)); ``diagnostics=True`` evaluates the plain d_out·d_in² product instead.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +38,12 @@ from oac.quant.bits import spqr_bits
 from oac.quant.grid import fake_quantize, fit_minmax, maxq_for
 from oac.solvers.common import (
     SolveResult,
+    act_order_permutation,
     check_finite,
     inverse_cholesky,
     layer_objective,
+    obs_objective,
+    sq_dist,
     validate_uniform_config,
 )
 
@@ -58,6 +72,14 @@ class SpQRConfig:
     damp_retry_step: float = 0.01
     damp_retry_factor: float = 10.0
     max_percdamp: float = 10.0
+    # False: stats["objective"] from the sweep's OBS errors (O(d_out·d_in), equal to the plain formula up to
+    # float32 rounding, ~1e-5 relative). True: the plain tr(ΔW H ΔWᵀ) (2·d_out·d_in² flops). Never changes Ŵ.
+    diagnostics: bool = False
+
+
+_GROUP_SPEC = ("SpQR needs groupsize to divide d_in: METHODS.md A1 allows groups only for d_in % g == 0 unless a "
+               "short last group is defined, which B3 (and its bits formula b + (…)/β1) does not; choose a "
+               "divisor or None (per-channel)")
 
 
 def _group(cfg: SpQRConfig, d_in: int) -> int:
@@ -70,31 +92,44 @@ def _uses_qq(cfg: SpQRConfig) -> bool:
     )
 
 
-def validate_config(cfg: SpQRConfig, shape: tuple[int, int], name: str = "layer") -> None:
-    d_out = int(shape[0])
-    gs = -1 if cfg.groupsize is None else cfg.groupsize
-    validate_uniform_config(cfg.wbits, gs, shape, method=f"SpQR {name}")
+def validate_options(cfg: SpQRConfig) -> None:
+    """Option ranges that need no layer shape (checked before the model is loaded)."""
+    check_int("method", "wbits", cfg.wbits, 1, 8)
+    check_int("method", "groupsize", cfg.groupsize, 1, allow=(-1, None))
     for field in ("qq_scale_bits", "qq_zero_bits"):
-        v = getattr(cfg, field)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 16):
-            raise ConfigError(f"SpQR {name}: {field} must be None or an integer in 1..16, got {v!r}")
-    if _uses_qq(cfg) and (cfg.qq_groupsize <= 0 or d_out % cfg.qq_groupsize != 0):
+        check_int("method", field, getattr(cfg, field), 1, 16, allow=(None,))
+    check_int("method", "qq_groupsize", cfg.qq_groupsize, 1)
+    check_choice("method", "permutation_order", cfg.permutation_order, ("act_order", "identity"))
+    check_float("method", "outlier_threshold", cfg.outlier_threshold, 0, lo_open=True, allow_inf=True)
+    if cfg.target_outlier_fraction is not None:
+        check_float("method", "target_outlier_fraction", cfg.target_outlier_fraction, 0, 1, hi_open=True)
+    check_float("method", "percdamp", cfg.percdamp, 0)
+    check_int("method", "blocksize", cfg.blocksize, 1)
+    check_int("method", "max_target_solves", cfg.max_target_solves, 1)
+    check_choice("method", "damp_retry_mode", cfg.damp_retry_mode, ("add", "multiply"))
+
+
+
+def validate_config(cfg: SpQRConfig, shape: tuple[int, int], name: str = "layer") -> None:
+    """The options (:func:`validate_options`) and what SpQR's specification requires of the layer shape."""
+    validate_options(cfg)
+    d_out, d_in = int(shape[0]), int(shape[1])
+    gs = -1 if cfg.groupsize is None else cfg.groupsize
+    validate_uniform_config(cfg.wbits, gs, (d_out, d_in), method=f"SpQR {name}", divisor_spec=_GROUP_SPEC)
+    if _uses_qq(cfg) and d_out % cfg.qq_groupsize != 0:
         raise ConfigError(
-            f"SpQR {name}: qq_groupsize={cfg.qq_groupsize} must divide d_out={d_out} for the second-level "
-            f"statistics (layer shape {tuple(int(s) for s in shape)}); or set qq_scale_bits/qq_zero_bits to None"
+            f"SpQR {name}: qq_groupsize={cfg.qq_groupsize} does not divide d_out={d_out} (layer shape "
+            f"{(d_out, d_in)}); METHODS.md B3 FIT_BILEVEL quantizes scales/zeros over groups of qq_groupsize "
+            f"consecutive output rows, which requires d_out % qq_groupsize == 0; or set qq_scale_bits and "
+            f"qq_zero_bits to None"
         )
-    if cfg.permutation_order not in ("act_order", "identity"):
-        raise ConfigError(f"SpQR {name}: permutation_order must be 'act_order' or 'identity', "
-                          f"got {cfg.permutation_order!r}")
-    if not (cfg.outlier_threshold > 0):
-        raise ConfigError(f"SpQR {name}: outlier_threshold must be > 0 (inf: no outliers), got {cfg.outlier_threshold}")
-    t = cfg.target_outlier_fraction
-    if t is not None and not 0 <= t < 1:
-        raise ConfigError(f"SpQR {name}: target_outlier_fraction must be in [0, 1), got {t}")
-    if cfg.blocksize <= 0 or cfg.percdamp < 0 or cfg.max_target_solves < 1:
-        raise ConfigError(f"SpQR {name}: blocksize and max_target_solves must be positive and percdamp >= 0")
-    if cfg.damp_retry_mode not in ("add", "multiply"):
-        raise ConfigError(f"SpQR {name}: damp_retry_mode must be 'add' or 'multiply', got {cfg.damp_retry_mode!r}")
+
+
+def check_shape(cfg: SpQRConfig, d_out: int, d_in: int) -> None:
+    """Raise a one-line ConfigError if ``cfg`` cannot quantize a d_out×d_in layer: invalid settings, a
+    groupsize β1 that does not divide d_in, or (when a second level is used) a qq_groupsize β2 that does
+    not divide d_out. Called by the job before calibration."""
+    validate_config(cfg, (int(d_out), int(d_in)))
 
 
 def _requantize_stat(v: Tensor, bits: int, qq_groupsize: int, sym: bool) -> Tensor:
@@ -143,8 +178,12 @@ def loo_reduction(G: Tensor, u: Tensor, bits: int, sym: bool = False) -> Tensor:
     return base - loo
 
 
-def _sweep(W0: Tensor, U: Tensor, tau: float, cfg: SpQRConfig) -> tuple[Tensor, Tensor]:
-    """The column sweep of B3 on permuted, dead-fixed W0 with threshold τ (absolute). Returns (Ŵ, outliers)."""
+def _sweep(W0: Tensor, U: Tensor, tau: float, cfg: SpQRConfig) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The column sweep of B3 on permuted, dead-fixed W0 with threshold τ (absolute).
+
+    Returns (Ŵ, outliers, e2, t) with e2 [d_in] the float64 Σ_rows e_c² of the scaled OBS errors per column
+    and t the wall time spent on e2 (a diagnostic).
+    """
     W = W0.clone()
     d_out, d_in = W.shape
     g, B, maxq = _group(cfg, d_in), cfg.blocksize, maxq_for(cfg.wbits)
@@ -152,6 +191,8 @@ def _sweep(W0: Tensor, U: Tensor, tau: float, cfg: SpQRConfig) -> tuple[Tensor, 
     use_outliers = math.isfinite(tau)
     outliers = torch.zeros_like(W, dtype=torch.bool)
     E = torch.zeros(d_out, B, dtype=W.dtype, device=W.device)
+    e2 = torch.empty(d_in, dtype=torch.float64, device=W.device)
+    t_e2 = 0.0
     for b0 in range(0, d_in, B):
         b1 = min(b0 + B, d_in)
         for c in range(b0, b1):
@@ -172,10 +213,21 @@ def _sweep(W0: Tensor, U: Tensor, tau: float, cfg: SpQRConfig) -> tuple[Tensor, 
                 e = torch.where(o, torch.zeros_like(e), e)
                 outliers[:, c : c + 1] = o
             W[:, c : c + 1] = q
-            W[:, c + 1 : b1].addmm_(e, U[c : c + 1, c + 1 : b1], alpha=-1)
+            W[:, c + 1 : b1].addr_(e[:, 0], U[c, c + 1 : b1], alpha=-1)  # the reference's in-block update
             E[:, c - b0 : c - b0 + 1] = e
         W[:, b1:].addmm_(E[:, : b1 - b0], U[b0:b1, b1:], alpha=-1)
-    return W, outliers
+        t0 = time.perf_counter()
+        e2[b0:b1] = E[:, : b1 - b0].double().square().sum(0)
+        t_e2 += time.perf_counter() - t0
+    return W, outliers, e2, t_e2
+
+
+def permutation(H: Tensor, order: str) -> Tensor:
+    """The column order of the sweep: ``act_order`` is the reference's default (unstable) argsort of diag H,
+    descending (ties in that sort's order, METHODS.md A6); ``identity`` keeps the natural order."""
+    if order == "act_order":
+        return act_order_permutation(H)
+    return torch.arange(H.shape[0], device=H.device)
 
 
 def _search_threshold(run, start: float, target: float, cfg: SpQRConfig):
@@ -184,7 +236,8 @@ def _search_threshold(run, start: float, target: float, cfg: SpQRConfig):
     Bisection in log(threshold) on a bracket [a, b] (fraction(a) > target > fraction(b)); the trial point
     is the log-log interpolation of the bracket ends, kept inside the middle 80% of the bracket, or a
     geometric step of the same slope (fraction ~ τ^-1.5, B3 table) while one side is still missing.
-    Returns (threshold, (Ŵ, mask, fraction), n_solves, hit) of the solve closest to the target.
+    Returns (threshold, run(threshold), n_solves, hit) of the solve closest to the target (run(t)[2] is the
+    outlier fraction).
     """
     slope = 1.5
     thr, a, b, best, n = start, None, None, None, 0
@@ -225,14 +278,12 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
     d_out, d_in = W_orig.shape
     n_weights = d_out * d_in
 
-    if cfg.permutation_order == "act_order":
-        perm = torch.argsort(H_orig.diagonal(), descending=True, stable=True)
-    else:
-        perm = torch.arange(d_in, device=W.device)
-    Wp = W_orig[:, perm].clone()
+    perm = permutation(H_orig, cfg.permutation_order)
+    Wp = W_orig.index_select(1, perm)  # = W[:, perm], a copy (index_select gathers columns faster on CPU)
     U, dead, info = inverse_cholesky(
-        H_orig[perm][:, perm], cfg.percdamp, order="damp_then_dead", retry_mode=cfg.damp_retry_mode,
-        retry_step=cfg.damp_retry_step, retry_factor=cfg.damp_retry_factor, max_percdamp=cfg.max_percdamp,
+        H_orig.index_select(0, perm).index_select(1, perm), cfg.percdamp, order="damp_then_dead",
+        retry_mode=cfg.damp_retry_mode, retry_step=cfg.damp_retry_step, retry_factor=cfg.damp_retry_factor,
+        max_percdamp=cfg.max_percdamp, overwrite=True,
     )  # fmt: skip
     Wp[:, dead] = 0.0
     # unbiased variance over rows of each column, relative to u_c²; W before any update
@@ -240,29 +291,39 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
 
     def run(thr: float):
         tau = math.inf if math.isinf(thr) else thr * tau_scale
-        Q, mask = _sweep(Wp, U, tau, cfg)
-        return Q, mask, int(mask.sum()) / n_weights
+        Q, mask, e2, t_e2 = _sweep(Wp, U, tau, cfg)
+        return Q, mask, int(mask.sum()) / n_weights, e2, t_e2
 
     target = cfg.target_outlier_fraction
     n_solves, hit = 1, None
     if target is None:
         thr = float(cfg.outlier_threshold)
-        Q, mask, frac = run(thr)
+        Q, mask, frac, e2, t_e2 = run(thr)
     elif target == 0:
         thr = math.inf
-        Q, mask, frac = run(thr)
+        Q, mask, frac, e2, t_e2 = run(thr)
         hit = True
     else:
         start = cfg.outlier_threshold if math.isfinite(cfg.outlier_threshold) else 1.0
-        thr, (Q, mask, frac), n_solves, hit = _search_threshold(run, float(start), float(target), cfg)
+        thr, (Q, mask, frac, e2, t_e2), n_solves, hit = _search_threshold(run, float(start), float(target), cfg)
+    live = ~dead
+    t0 = time.perf_counter()
+    if not cfg.diagnostics:  # live columns only: dead ones are decoupled in H_d and absent from H
+        objective = obs_objective(float(e2[live].sum()), info["damp"], sq_dist(Wp, Q, live))
+    t_diag = t_e2 + time.perf_counter() - t0  # (e2 of the kept solve only, with target_outlier_fraction)
 
     # Dead columns never reach the output and U decouples them, so their values do not feed back. The
-    # reference leaves grid values there (0 is not forced into SpQR's grid); return exact zeros (D.5).
+    # reference leaves grid values there (0 is not forced into SpQR's grid); return exact zeros (D.5): the
+    # one intended difference from the reference.
     Q[:, dead] = 0.0
     mask[:, dead] = False
     frac = int(mask.sum()) / n_weights
     inv = torch.argsort(perm)
-    Q, mask = Q[:, inv], mask[:, inv]
+    Q, mask = Q.index_select(1, inv), mask.index_select(1, inv)
+    if cfg.diagnostics:
+        t0 = time.perf_counter()
+        objective = layer_objective(W_orig, Q, H_orig)
+        t_diag += time.perf_counter() - t0
     g = _group(cfg, d_in)
     bits = spqr_bits(cfg.wbits, g, cfg.qq_groupsize, frac, qq_scale_bits=cfg.qq_scale_bits,
                      qq_zero_bits=cfg.qq_zero_bits, round_zero=cfg.round_zero)
@@ -279,7 +340,8 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
         "percdamp_used": info["percdamp_used"],
         "damp_retries": info["damp_retries"],
         "n_dead": int(dead.sum()),
-        "objective": layer_objective(W_orig, Q, H_orig),
+        "objective": objective,
+        "diagnostics_s": t_diag,
         "bits_nominal": float(cfg.wbits),
         "bits_reported": bits,
         "bits_full": bits,
@@ -290,21 +352,5 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
     return SolveResult(weight=Q, stats=stats, masks={"outliers": mask})
 
 
-def validate_options(cfg: SpQRConfig) -> None:
-    """Option ranges that need no layer shape (checked before the model is loaded)."""
-    check_int("method", "wbits", cfg.wbits, 1, 8)
-    check_int("method", "groupsize", cfg.groupsize, 1, allow=(-1, None))
-    for field in ("qq_scale_bits", "qq_zero_bits"):
-        check_int("method", field, getattr(cfg, field), 1, 16, allow=(None,))
-    check_int("method", "qq_groupsize", cfg.qq_groupsize, 1)
-    check_choice("method", "permutation_order", cfg.permutation_order, ("act_order", "identity"))
-    check_float("method", "outlier_threshold", cfg.outlier_threshold, 0, lo_open=True, allow_inf=True)
-    if cfg.target_outlier_fraction is not None:
-        check_float("method", "target_outlier_fraction", cfg.target_outlier_fraction, 0, 1, hi_open=True)
-    check_float("method", "percdamp", cfg.percdamp, 0)
-    check_int("method", "blocksize", cfg.blocksize, 1)
-    check_int("method", "max_target_solves", cfg.max_target_solves, 1)
-    check_choice("method", "damp_retry_mode", cfg.damp_retry_mode, ("add", "multiply"))
-
-
-SOLVER = SolverSpec("spqr", SpQRConfig, solve, validate_options=validate_options, order=30)
+SOLVER = SolverSpec("spqr", SpQRConfig, solve, validate_options=validate_options,
+                    check_shape=check_shape, order=30)

@@ -100,3 +100,18 @@ def test_mse_search_never_worse(bits, sym):
     assert (e1 <= e0 * (1 + 1e-6)).all()
     assert (e1 < e0).any()
     assert (s1 <= s0 * (1 + 1e-6)).all()  # candidates only shrink the range
+
+
+def test_uniform_bits_short_last_group():
+    """ceil(d_in/g) (s, z) pairs per row; identical to b + 32/g (PROTOCOLS.md §4) whenever g divides d_in."""
+    from oac.quant.bits import n_groups, uniform_bits
+
+    for b in (2, 3, 4):
+        for g, d_in in ((128, 4096), (64, 576), (16, 1536), (128, 11008)):
+            assert uniform_bits(b, g, d_in) == (b, b + 32 / g)
+            assert uniform_bits(b, g, d_in, packed_zero=True) == (b, b + (16 + b) / g)
+        assert uniform_bits(b, -1, 576) == (b, b + 32 / 576)
+    assert n_groups(576, 128) == 5 and n_groups(576, -1) == 1 and n_groups(576, 1000) == 1
+    assert uniform_bits(3, 128, 576) == (3.0, 3 + 32 * 5 / 576)  # 4 full groups + one of 64 columns
+    assert uniform_bits(3, 128, 576)[1] > 3 + 32 / 128
+    assert uniform_bits(3, 1000, 576) == uniform_bits(3, -1, 576)  # g > d_in: one (short) group

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from oac.quant.bits import billm_bits
-from oac.solvers.billm import BiLLMConfig, _salient_errors, binarize, search, solve
+from oac.errors import ConfigError
+from oac.solvers.billm import BiLLMConfig, _salient_errors, binarize, check_shape, search, solve
 from tests.helpers import correlated_H
 from oac.solvers.common import layer_objective
 
@@ -123,8 +124,10 @@ def test_layer_masks_bits_and_stats():
     r = int(sal.sum()) / W.numel()
     assert st["n_salient"] == int(sal.sum()) and st["salient_fraction"] == r and 0 < r < 0.5
     assert st["bits_reported"] == 1 + r and st["bits_nominal"] == 1
-    assert st["bits_full"] == pytest.approx(2 + 128 / 128 + 1 / 32)
-    assert (st["bits_reported"], st["bits_full"]) == billm_bits(r, 128, 32)
+    # 3 blocks per row (the last one 64 wide) each store 8 fp16 statistics per row: 128·3/320 bits per weight
+    assert st["bits_full"] == pytest.approx(2 + 128 * 3 / 320 + 1 / 32)
+    assert (st["bits_reported"], st["bits_full"]) == billm_bits(r, 128, 32, 320)
+    assert billm_bits(r, 128, 32, 256) == billm_bits(r, 128, 32)  # B | d_in: the 128/B of METHODS.md B4
     for b0 in range(0, 320, 128):  # per block the salient columns are whole columns, 1..49 of them
         blk = sal[:, b0 : b0 + 128]
         assert (blk == blk[:1]).all() and 1 <= int(blk[0].sum()) <= 49
@@ -145,10 +148,12 @@ def test_objective_below_plain_sign_binarization():
     alpha = (W - mu).abs().mean(1, keepdim=True)
     plain = alpha * torch.sign(W - mu) + mu
     base = layer_objective(W, plain, H)
-    for cfg in (BiLLMConfig(), BiLLMConfig(intra_block_feedback=True)):
+    for cfg in (BiLLMConfig(diagnostics=True), BiLLMConfig(intra_block_feedback=True, diagnostics=True)):
         res = solve(W, H, cfg)
         assert res.stats["objective"] == pytest.approx(layer_objective(W, res.weight, H))
         assert res.stats["objective"] < 0.8 * base
+        plain = solve(W, H, BiLLMConfig(intra_block_feedback=cfg.intra_block_feedback))
+        assert torch.equal(plain.weight, res.weight) and "objective" not in plain.stats  # opt-in only
 
 
 def test_intra_block_feedback_levels():
@@ -166,3 +171,56 @@ def test_dead_columns():
     for cfg in (BiLLMConfig(), BiLLMConfig(intra_block_feedback=True)):
         res = solve(W, H, cfg)
         assert torch.isfinite(res.weight).all() and (res.weight[:, dead] == 0).all() and res.stats["n_dead"] == 3
+
+
+def nanmean_bin(X, M, order):
+    """BIN as the reference writes it: masked entries NaN elsewhere, μ and α by torch.nanmean (Σ / n)."""
+    nan = torch.tensor(float("nan"))
+    A, stats = torch.zeros_like(X), []
+    for _ in range(order):
+        R = torch.where(M, X * M - A, nan)
+        mu = torch.nanmean(R, dim=-1, keepdim=True).nan_to_num(0.0)
+        D = R - mu
+        alpha = torch.nanmean(D.abs(), dim=-1, keepdim=True).nan_to_num(0.0)
+        A = A + torch.where(M, alpha * torch.sign(D) + mu, 0.0)
+        stats.append((mu, alpha))
+    return A, stats
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_bin_statistics_are_sum_over_n_bit_for_bit(order):
+    """μ and α are Σ/n (the reference's nanmean), not Σ·(1/n): equal bit for bit, an empty row gives 0."""
+    n_recip_differs = 0
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        X = rand_W(48, 128, seed=seed)
+        M = torch.rand(48, 128, generator=g) < 0.3
+        M[7] = False  # empty mask row
+        A, st = binarize(X, M, order)
+        A_ref, st_ref = nanmean_bin(X, M, order)
+        assert torch.equal(A, A_ref)
+        for (mu, al), (mu_r, al_r) in zip(st, st_ref):
+            assert torch.equal(mu, mu_r) and torch.equal(al, al_r)
+        assert (A[7] == 0).all()
+        n = M.sum(-1, keepdim=True).float().clamp(min=1)
+        s1 = (X * M).sum(-1, keepdim=True)
+        n_recip_differs += int(not torch.equal(s1 * (1.0 / n), s1 / n))
+    assert n_recip_differs > 0  # the former Σ·(1/n) is distinguishable on these inputs
+
+
+def test_check_shape_accepts_any_shape():
+    for d_out, d_in in ((576, 576), (192, 576), (576, 1536), (7, 30), (4096, 11008)):
+        check_shape(BiLLMConfig(), d_out, d_in)
+    with pytest.raises(ConfigError) as exc:
+        check_shape(BiLLMConfig(salient_metric="x"), 576, 576)
+    assert "\n" not in str(exc.value) and "salient_metric must be one of ['hessian', 'magnitude']" in str(exc.value)
+
+
+def test_short_and_narrow_blocks():
+    """A 576-wide layer (4 blocks of 128 and one of 64) and a block narrower than 50 columns both work."""
+    for d_in in (576, 158):
+        W, H = rand_W(16, d_in), correlated_H(d_in)
+        res = solve(W, H, BiLLMConfig())
+        assert torch.isfinite(res.weight).all()
+        n_b = -(-d_in // 128)
+        assert res.stats["bits_full"] == pytest.approx(2 + 128 * n_b / d_in + 1 / 16)
