@@ -10,7 +10,7 @@ export WANDB_MODE ?= offline
 SCALE ?= gpu
 LAUNCHER ?= basic
 
-.PHONY: setup test test-slow demo bench clean-cache table1 table2 table3 ablation main smoke report paper-refs
+.PHONY: setup test test-slow demo bench gpu-check clean-cache table1 table2 table3 ablation main smoke report paper-refs
 
 # Paper tables as Hydra sweeps (configs/experiment/*.yaml). SCALE=cpu picks the SmolLM2 variant (<table>_cpu),
 # LAUNCHER=slurm submits one SLURM array task per job (configs/hydra/launcher/slurm.yaml); extra overrides in
@@ -42,6 +42,9 @@ demo: setup          ## fp16, RTN, GPTQ, SpQR, OAC-SpQR at 2 bits on SmolLM2 (CP
 bench: setup         ## solver and OAC benchmarks -> results/bench/
 	$(PY) -m experiments.bench_solvers
 	$(PY) -m experiments.bench_oac
+
+gpu-check: setup    ## on a CUDA machine: every method on SmolLM2 in fp16 vs the committed CPU numbers, solver times at LLaMA-7B shapes -> results/gpu_check.md
+	$(PY) -m experiments.gpu_check
 
 clean-cache:
 	rm -rf .cache

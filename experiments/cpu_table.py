@@ -1,7 +1,7 @@
 """CPU-scale comparison tables on SmolLM2: each row is one `python -m experiments.run` job.
 
-    python -m experiments.cpu_table gptq        # fp16, RTN, GPTQ at 4/3/2 bits, per-channel and g64 (128 does not divide SmolLM2's d_in=576)
-    python -m experiments.cpu_table backbones   # SpQR (tau 1.0 / 0.2 / inf), GPTQ/RTN 2-bit g64, BiLLM, RTN 1-bit
+    python -m experiments.cpu_table gptq        # fp16, RTN, GPTQ at 4/3/2 bits, per-channel and g128 (576 = 4·128 + a short group of 64)
+    python -m experiments.cpu_table backbones   # SpQR (tau 1.0 / 0.2 / inf), GPTQ/RTN 2-bit g128, BiLLM, RTN 1-bit
     python -m experiments.cpu_table gptq --nsamples 128 --only gptq-w4-pc ...   # other calibration size:
         # jobs under <out>/n128/, tables results/cpu_gptq_n128.{md,csv}
 
@@ -29,18 +29,19 @@ COMMON = ["model=smollm2-135m", "calib.nsamples=32", "calib.seqlen=512", "calib.
 
 TABLES = {
     "gptq": [("fp16", ["method=fp16"])]
-    + [(f"{m}-w{b}-{'g64' if g == 64 else 'pc'}", [f"method={m}", f"method.wbits={b}", f"method.groupsize={g}"])
-       for b in (4, 3, 2) for g in (-1, 64) for m in ("rtn", "gptq")]
+    + [(f"{m}-w{b}-{'g128' if g == 128 else 'pc'}", [f"method={m}", f"method.wbits={b}", f"method.groupsize={g}"])
+       for b in (4, 3, 2) for g in (-1, 128) for m in ("rtn", "gptq")]
     # GPTQ with the paper's LLaMA settings (act-order + true-sequential; METHODS.md B2)
-    + [(f"gptq-w{b}-{'g64' if g == 64 else 'pc'}-act-ts", ["method=gptq", f"method.wbits={b}", f"method.groupsize={g}",
-                                                           "method.act_order=true", "method.true_sequential=true"])
-       for b in (4, 3, 2) for g in (-1, 64)],
+    + [(f"gptq-w{b}-{'g128' if g == 128 else 'pc'}-act-ts", ["method=gptq", f"method.wbits={b}",
+                                                             f"method.groupsize={g}", "method.act_order=true",
+                                                             "method.true_sequential=true"])
+       for b in (4, 3, 2) for g in (-1, 128)],
     "backbones": [
         ("spqr-w2-t1.0", ["method=spqr", "method.outlier_threshold=1.0"]),
         ("spqr-w2-t0.2", ["method=spqr", "method.outlier_threshold=0.2"]),
         ("spqr-w2-tinf", ["method=spqr", "method.outlier_threshold=inf"]),
-        ("gptq-w2-g64", ["method=gptq", "method.wbits=2", "method.groupsize=64"]),
-        ("rtn-w2-g64", ["method=rtn", "method.wbits=2", "method.groupsize=64"]),
+        ("gptq-w2-g128", ["method=gptq", "method.wbits=2", "method.groupsize=128"]),
+        ("rtn-w2-g128", ["method=rtn", "method.wbits=2", "method.groupsize=128"]),
         ("billm", ["method=billm"]),
         ("rtn-w1-pc", ["method=rtn", "method.wbits=1", "method.groupsize=-1"]),
     ],

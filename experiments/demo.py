@@ -26,8 +26,8 @@ O1 = ["+method.target_outlier_fraction=0.01"]
 def rows(refresh: str, every: int) -> list[tuple[str, list[str]]]:
     oac = [f"method.oac.refresh={refresh}"] + ([f"method.oac.refresh_every={every}"] if refresh == "every" else [])
     return [("fp16", ["method=fp16"]),
-            ("RTN w2 g64", ["method=rtn", *W2, "method.groupsize=64"]),
-            ("GPTQ w2 g64", ["method=gptq", *W2, "method.groupsize=64"]),
+            ("RTN w2 g128", ["method=rtn", *W2, "method.groupsize=128"]),
+            ("GPTQ w2 g128", ["method=gptq", *W2, "method.groupsize=128"]),
             ("SpQR w2, 1% outliers", ["method=spqr", *W2, *O1]),
             (f"OAC-SpQR w2, 1% outliers (refresh {refresh}{f' {every}' if refresh == 'every' else ''})",
              ["method=oac_spqr", *W2, *O1, *oac])]
@@ -40,9 +40,9 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=256)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
-    # per_block (the paper's) costs ~N·K²/2 block passes: ~5 of the 10 minutes on 2 cores; refreshing Ĥ every 2
-    # blocks halves that (METHODS.md C7; the table says which was used)
-    ap.add_argument("--refresh", default="every", choices=["per_block", "every", "once"])
+    # per_block (the paper's) costs ~N·K²/2 block passes, about half of the demo's time on 2 cores; on a slower
+    # machine --refresh every --every 2 halves that (METHODS.md C7; the table says which was used)
+    ap.add_argument("--refresh", default="per_block", choices=["per_block", "every", "once"])
     ap.add_argument("--every", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="outputs/demo")
