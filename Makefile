@@ -49,8 +49,13 @@ gpu-check: setup    ## on a CUDA machine: every method on SmolLM2 in fp16 vs the
 clean-cache:
 	rm -rf .cache
 
-table1 table2 table3 ablation main: setup   ## a paper table or the seed-repeated main comparison (SCALE=cpu|gpu, LAUNCHER=basic|slurm, ARGS=...), then the report
+table1 table2 table3 ablation: setup   ## a paper table (SCALE=cpu|gpu, LAUNCHER=basic|slurm, ARGS=...), then the report
 	$(call SWEEP,$@$(EXP_SUFFIX))
+	$(PY) -m experiments.report
+
+main: setup          ## the seed-repeated main comparison (+ its numeric-noise replicates at SCALE=cpu), then the report
+	$(if $(filter cpu,$(SCALE)),$(call SWEEP,main_cpu_jitter))
+	$(call SWEEP,main$(EXP_SUFFIX))
 	$(PY) -m experiments.report
 
 smoke: setup         ## the smoke sweep on stories260K (seconds per job), then the report

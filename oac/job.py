@@ -19,9 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from oac import method as methods
 from oac.data.text import check_available
-from oac.data.tokens import CALIB_DATASETS, PPL_DATASETS, calibration_windows, eval_source, eval_stream, ids_checksum
+from oac.data.tokens import (CALIB_DATASETS, PPL_DATASETS, calibration_windows, eval_set, eval_source, eval_stream,
+                             ids_checksum, text_stream)
+from oac.environment import environment
 from oac.errors import ConfigError
-from oac.eval.perplexity import perplexity
+from oac.eval.perplexity import eval_windows, perplexity
 from oac.jobdir import JobDir
 from oac.jobdir.record import versions
 from oac.models import Adapter, family_of, load_model, model_fingerprint
@@ -59,16 +61,56 @@ def validate(cfg: DictConfig) -> methods.Method:
         if isinstance(cfg.calib.seqlen, bool) or not isinstance(cfg.calib.seqlen, int) or cfg.calib.seqlen < 2:
             raise ConfigError(f"calib.seqlen must be an integer >= 2, got {cfg.calib.seqlen!r}")
         check_available(CALIB_DATASETS[cfg.calib.dataset], cfg.paths.data_dir, verify=_verify(cfg))
-    for d in cfg.eval.ppl.datasets:
-        if d not in PPL_DATASETS:
-            raise ConfigError(f"unknown perplexity dataset {d!r}; known: {list(PPL_DATASETS)}")
-        check_available(eval_source(d), cfg.paths.data_dir, verify=_verify(cfg))
+    for key, src in eval_sets(cfg).items():
+        if src in PPL_DATASETS:
+            check_available(eval_source(src), cfg.paths.data_dir, verify=_verify(cfg))
+    _check_budget(cfg.eval.ppl)
+    kcfg = cfg.eval.get("kl") or {}
+    if kcfg.get("datasets"):
+        if kcfg.get("reference", "full") not in ("full", "topk"):
+            raise ConfigError(f"eval.kl.reference must be full or topk, not {kcfg.get('reference')!r}")
+        k = kcfg.get("topk", 64)
+        if kcfg.get("reference") == "topk" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"eval.kl.topk must be an integer >= 1, got {k!r}")
+    js = cfg.get("jitter_seed")
+    if js is not None:
+        if isinstance(js, bool) or not isinstance(js, int):
+            raise ConfigError(f"jitter_seed must be an integer or null, got {js!r}")
+        if not m.calibrated:
+            raise ConfigError(f"jitter_seed perturbs the Hessian, and method {m.name!r} uses none")
     if cfg.eval.zeroshot.tasks:
         from oac.eval import zeroshot
 
         zeroshot.resolve_modes(zeroshot.resolve_tasks(list(cfg.eval.zeroshot.tasks)), cfg.eval.zeroshot.mode,
                                cfg.paths.data_dir)
     return m
+
+
+def eval_sets(cfg: DictConfig) -> dict[str, str]:
+    """{key: source} of every evaluation set: ``eval.ppl.datasets`` then the ``eval.kl.datasets`` not among them
+    (perplexity comes free with the KL pass). Keys are the built-in names or the stems of local text files."""
+    out: dict[str, str] = {}
+    kl = list((cfg.eval.get("kl") or {}).get("datasets") or [])
+    for entry in [*cfg.eval.ppl.datasets, *kl]:
+        key, src = eval_set(entry)
+        if key in out and out[key] != src:
+            raise ConfigError(f"two evaluation sets are both called {key!r} ({out[key]}, {src}); name one: 'name=path'")
+        out[key] = src
+    return out
+
+
+def kl_sets(cfg: DictConfig) -> list[str]:
+    """Keys of the sets on which KL to the unquantized model is measured."""
+    return [eval_set(e)[0] for e in ((cfg.eval.get("kl") or {}).get("datasets") or [])]
+
+
+def _check_budget(pcfg) -> None:
+    for key in ("max_windows", "max_tokens"):
+        v = pcfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"eval.ppl.{key} must be an integer >= 1 or null, got {v!r}")
+    if pcfg.get("max_tokens") is not None and pcfg.max_tokens < pcfg.seqlen:
+        raise ConfigError(f"eval.ppl.max_tokens={pcfg.max_tokens} is less than one window (seqlen {pcfg.seqlen})")
 
 
 def validate_model(cfg: DictConfig, adapter: Adapter, m: methods.Method) -> None:
@@ -138,7 +180,8 @@ def run_job(cfg: DictConfig, out_dir: str | os.PathLike, overrides: list[str] | 
 
 def check_finite_result(result: dict) -> None:
     """A NaN/Inf metric is a failure, never a result."""
-    bad = [f"ppl[{k}]" for k, v in result.get("ppl", {}).items() if not math.isfinite(v)]
+    bad = [f"{m}[{k}]" for m in ("ppl", "kl", "top1_agreement") for k, v in (result.get(m) or {}).items()
+           if not math.isfinite(v)]
     for task, entry in ((result.get("zeroshot") or {}).get("tasks") or {}).items():
         bad += [f"zeroshot[{task}].{k}" for k, v in entry.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
@@ -153,6 +196,9 @@ def _run(cfg: DictConfig, m: methods.Method, result: dict, job: JobDir) -> None:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     result["device"] = device if device == "cpu" else f"{device}:{torch.cuda.get_device_name()}"
+    result["environment"] = environment(device)
+    if cfg.get("jitter_seed") is not None:
+        result["jitter_seed"] = int(cfg.jitter_seed)
     t = time.perf_counter()
     model, tok = load_model(cfg.model, cache_dir=cfg.paths.cache_dir, device=device, dtype=cfg.dtype)
     adapter = Adapter(model, family_of(model.config.model_type))
@@ -164,20 +210,25 @@ def _run(cfg: DictConfig, m: methods.Method, result: dict, job: JobDir) -> None:
                             "fingerprint": model_fingerprint(model), "n_quantized_weights": adapter.n_quantizable_weights()}
     result["tokenizer"] = {"class": type(tok).__name__, "add_bos_token": getattr(tok, "add_bos_token", None),
                            "vocab": len(tok)}
+    refs = {}
     if cfg.get("quantized_from"):
         from oac.jobdir.saved import restore_into_job
 
+        if kl_sets(cfg):
+            refs = _kl_references(cfg, model, tok, device, result)  # the base model, before the saved weights
         restore_into_job(cfg, model, result)
         validate_model(cfg, adapter, methods.resolve({"name": m.name}))  # the saved weights must be finite too
     elif m.quantizes:
         validate_model(cfg, adapter, m)
+        if kl_sets(cfg):
+            refs = _kl_references(cfg, model, tok, device, result)  # FP pass before the weights change
         _quantize(cfg, m, adapter, tok, device, result, job)
     else:
         validate_model(cfg, adapter, m)
         result.update({"bits_nominal": 16.0, "bits_reported": 16.0, "bits_full": 16.0, "avg_bits": 16.0})
     if device != "cpu":
         model.to(device)
-    _evaluate(cfg, model, tok, device, result)
+    _evaluate(cfg, model, tok, device, result, refs)
 
 
 def _quantize(cfg: DictConfig, m: methods.Method, adapter, tok, device, result, job: JobDir) -> None:
@@ -196,7 +247,7 @@ def _quantize(cfg: DictConfig, m: methods.Method, adapter, tok, device, result, 
     state = quantize_model(adapter, calib, source, solve, m.solver_config, device=device,
                            true_sequential=m.true_sequential, offload=cfg.offload, batch_size=cfg.calib_batch_size,
                            act_device=cfg.get("act_device"), on_block_done=ckpt.on_block_done if ckpt else None,
-                           resume=ckpt.resume() if ckpt else None)
+                           resume=ckpt.resume() if ckpt else None, jitter_seed=cfg.get("jitter_seed"))
     result["resumed_from_block"] = state.start_block or None
     result["hessian"] = source.record()
     result["time_s"].update({f"calib_{k}": v for k, v in state.time_s.items()})
@@ -214,22 +265,77 @@ def _quantize(cfg: DictConfig, m: methods.Method, adapter, tok, device, result, 
         job.save_manifest(result, adapter.model)
 
 
-def _evaluate(cfg, model, tok, device, result) -> None:
+def _eval_ids(cfg, tok, src: str) -> tuple[torch.Tensor, dict]:
+    """Token stream of one evaluation set and what identifies its source."""
+    if src in PPL_DATASETS:
+        ids = eval_stream(tok, src, cfg.eval.ppl.seqlen, data_dir=cfg.paths.data_dir, cache_dir=cfg.paths.cache_dir,
+                          verify=_verify(cfg))
+        return ids, {"source": src}
+    ids, digest = text_stream(tok, src, cache_dir=cfg.paths.cache_dir)
+    return ids, {"source": os.path.abspath(src), "sha256": digest}
+
+
+def _kl_references(cfg, model, tok, device, result) -> dict:
+    """The FP model's reference distribution on every KL set (computed once, cached): {key: reference info}."""
+    from oac.eval.kl import ensure_reference
+
+    pcfg, kcfg = cfg.eval.ppl, cfg.eval.kl
+    sets = eval_sets(cfg)
+    moved = cfg.offload and device != "cpu"
+    if moved:
+        model.to(device)
+    refs = {}
+    t = time.perf_counter()
+    try:
+        for key in kl_sets(cfg):
+            ids, _ = _eval_ids(cfg, tok, sets[key])
+            windows, _ = eval_windows(ids, pcfg.seqlen, max_windows=pcfg.max_windows, max_tokens=pcfg.get("max_tokens"))
+            ref_key = {"model": str(model.name_or_path), "fingerprint": model_fingerprint(model),
+                       "dtype": str(model.dtype), "device": str(device).split(":")[0], "seqlen": pcfg.seqlen,
+                       "windows": ids_checksum(windows), "n_windows": windows.shape[0], "mode": kcfg.reference,
+                       "topk": int(kcfg.topk) if kcfg.reference == "topk" else None, "v": 1}
+            refs[key] = ensure_reference(model, windows, cache_dir=cfg.paths.cache_dir, key=ref_key,
+                                         batch_size=pcfg.batch_size, device=device, desc=f"kl reference {key}")
+    finally:
+        if moved:
+            model.to("cpu")
+    result["kl_reference"] = {k: {x: v[x] for x in ("path", "mode", "topk", "cached", "time_s", "bytes", "ppl_fp")
+                                  if x in v} for k, v in refs.items()}
+    result["time_s"]["kl_reference"] = time.perf_counter() - t
+    return refs
+
+
+def _evaluate(cfg, model, tok, device, result, refs: dict | None = None) -> None:
+    from oac.eval.kl import KLAccumulator
+
     t = time.perf_counter()
     pcfg = cfg.eval.ppl
-    for name in pcfg.datasets:
-        ids = eval_stream(tok, name, pcfg.seqlen, data_dir=cfg.paths.data_dir, cache_dir=cfg.paths.cache_dir,
-                          verify=_verify(cfg))
+    refs = refs or {}
+    for name, src in eval_sets(cfg).items():
+        ids, origin = _eval_ids(cfg, tok, src)
+        acc = None
+        if name in refs:
+            windows, _ = eval_windows(ids, pcfg.seqlen, max_windows=pcfg.max_windows, max_tokens=pcfg.get("max_tokens"))
+            acc = KLAccumulator(refs[name], windows.shape[0], pcfg.seqlen)
         r = perplexity(model, ids, pcfg.seqlen, batch_size=pcfg.batch_size, max_windows=pcfg.max_windows,
-                       device=device, desc=f"ppl {name}")
-        label = name if name in ("wikitext2",) else f"{name}@local2k" if name.startswith("c4") else name
-        r["variant"] = label
+                       max_tokens=pcfg.get("max_tokens"), device=device, desc=f"ppl {name}", on_logits=acc)
+        label = f"{name}@local2k" if src in ("c4", "c4-new") else name
+        r.update({"variant": label, **origin})
         result["ppl"][name] = r["ppl"]
         result.setdefault("ppl_details", {})[name] = r
-        log.info("%s %s %s: ppl %.4f (%d windows x %d)", cfg.model.name, cfg.method.name, name, r["ppl"],
-                 r["n_windows"], pcfg.seqlen)
+        msg = ""
+        if acc is not None:
+            k = acc.result()
+            result.setdefault("kl", {})[name] = k["kl"]
+            result.setdefault("top1_agreement", {})[name] = k["top1_agreement"]
+            result.setdefault("kl_details", {})[name] = {
+                **k, "n_windows": r["n_windows"], "seqlen": pcfg.seqlen, "reference": refs[name]["mode"],
+                "topk": refs[name].get("topk"), "exact": refs[name]["mode"] == "full"}
+            msg = f", KL {k['kl']:.4f} nats/token, top-1 agreement {100 * k['top1_agreement']:.2f}%"
+        log.info("%s %s %s: ppl %.4f (%d windows x %d)%s", cfg.model.name, cfg.method.name, name, r["ppl"],
+                 r["n_windows"], pcfg.seqlen, msg)
         exp = (cfg.model.get("expected_ppl") or {}).get(name)
-        if exp and not cfg.method.get("solver") and r["complete"] and pcfg.seqlen == cfg.model.seqlen:
+        if exp and src == name and not cfg.method.get("solver") and r["complete"] and pcfg.seqlen == cfg.model.seqlen:
             ok = abs(r["ppl"] - exp) / exp < 0.02
             result["fp_ppl_check"] = {"dataset": name, "expected": exp, "measured": r["ppl"], "ok": ok}
             if not ok:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from oac.hessian.base import BlockContext
 from oac.models import Adapter, fit_kwargs, run_block
+from oac.numerics import jitter
 from oac.solvers.common import check_finite
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def quantize_model(
     act_device=None,
     on_block_done: Callable | None = None,
     resume: dict | None = None,
+    jitter_seed: int | None = None,
 ) -> PipelineState:
     """Quantize every linear of every decoder block in place. Returns per-layer stats and timings.
 
@@ -143,6 +145,8 @@ def quantize_model(
                 H = hessians.pop(name)
                 W = layer.weight.data
                 check_finite(W, H, f"block {k} {name}")
+                if jitter_seed is not None and H is not None:
+                    H = jitter(H, jitter_seed, k, name)
                 res = solve(W.float(), H, solver_cfg)
                 layer.weight.data = res.weight.to(W.dtype).reshape(W.shape)
                 dt = time.perf_counter() - t

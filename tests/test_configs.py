@@ -28,7 +28,10 @@ EXPECTED = {
     # seed-repeated main comparison: settings x 3 calibration seeds
     "main": (MAIN, ["llama2-7b"], 3),
     "main_cpu": (MAIN_CPU, ["smollm2-135m"], 3),
+    # its numeric-noise replicates: the main pair at seed 0 x jitter_seed 1, 2 (pooled under the main_cpu tag)
+    "main_cpu_jitter": (["spqr_w2_o1", "oac_spqr_w2_o1"], ["smollm2-135m"], 2),
 }
+TAG = {"main_cpu_jitter": "main_cpu"}
 SETTING_METHOD = {"fp16": "fp16", "rtn_w2": "rtn", "gptq_w2": "gptq", "spqr_w2": "spqr", "oac_spqr_w2": "oac_spqr",
                   "billm": "billm", "oac_billm": "oac_billm", "spqr_w2_o1": "spqr", "oac_spqr_w2_o1": "oac_spqr",
                   "oac_spqr_w2_o1_once": "oac_spqr", "oac_billm_once": "oac_billm"}
@@ -53,7 +56,7 @@ def test_every_config_composes(hydra_compose):
         assert hydra_compose([f"setting={name}"]).method.name == SETTING_METHOD[name]
     assert set(_names("experiment")) == set(EXPECTED)
     for name in _names("experiment"):
-        assert hydra_compose([f"experiment={name}"]).tag == name
+        assert hydra_compose([f"experiment={name}"]).tag == TAG.get(name, name)
     cfg = hydra_compose(["hydra/launcher=slurm", "experiment=table1"], hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.gpus_per_node == 1
@@ -80,14 +83,14 @@ def test_sweep_expands_to_expected_jobs(hydra_compose, experiment):
     dirs = {get_overrides_dirname(parser.parse_overrides(j), list(dconf.exclude_keys), dconf.item_sep, dconf.kv_sep)
             for j in jobs}
     assert len(dirs) == len(jobs) and all("experiment" not in d and d for d in dirs)
-    assert hcfg.sweep.dir.endswith(f"/{experiment}")
+    assert hcfg.sweep.dir.endswith(f"/{TAG.get(experiment, experiment)}")
     # compose every job of small sweeps; for paper-scale ones every setting once and every model once
     first = {o.split("=", 1)[0]: o for o in jobs[0]}
     sample = jobs if len(jobs) <= 8 else [j for j in jobs if len(set(j) - set(first.values())) <= 1]
     for job in sample:
         cfg = hydra_compose(job)
         kv = dict(o.split("=", 1) for o in job)
-        assert cfg.tag == experiment and cfg.model.name == kv["model"]
+        assert cfg.tag == TAG.get(experiment, experiment) and cfg.model.name == kv["model"]
         if settings:
             assert cfg.method.name == SETTING_METHOD[kv["setting"]]
             if "_w2" in kv["setting"]:
@@ -121,3 +124,16 @@ def test_slurm_launcher_resolves_from_the_command_line():
                           "--cfg", "all", "--resolve"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "SlurmLauncher" in out.stdout and "partition:" in out.stdout and "export HF_HUB_OFFLINE=" in out.stdout
+
+
+def test_jitter_replicates_share_the_sweep_dir_but_no_job_dir(hydra_compose):
+    parser = OverridesParser.create()
+
+    def dirs(experiment):
+        jobs, hcfg = expand(hydra_compose, experiment)
+        d = hcfg.job.config.override_dirname
+        return hcfg.sweep.dir, {get_overrides_dirname(parser.parse_overrides(j), list(d.exclude_keys), d.item_sep,
+                                                      d.kv_sep) for j in jobs}
+
+    (main_dir, main), (jit_dir, jit) = dirs("main_cpu"), dirs("main_cpu_jitter")
+    assert main_dir == jit_dir and not main & jit and all("jitter_seed=" in d for d in jit)

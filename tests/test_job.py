@@ -170,7 +170,7 @@ def test_result_json_is_written_running_at_start(compose, tmp_path, monkeypatch)
 
     seen = {}
 
-    def fake_eval(cfg, model, tok, device, result):
+    def fake_eval(cfg, model, tok, device, result, refs=None):
         seen.update(strict_json(tmp_path / "job" / "result.json"))
         raise ConfigError("stop here")
 

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -304,3 +305,36 @@ def _load_hub_rows(name: str, source: str) -> tuple[str, ...]:
     log.info("loading %s from the hub (%s)", name, source)
     ds = datasets.load_dataset(**CORPORA[name][2])
     return tuple(ds[CORPORA[name][1]])
+
+
+# --- any local text as an evaluation set -------------------------------------------------------------------
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def local_text(path: str | os.PathLike) -> tuple[str, str]:
+    """(text, sha256 of the bytes it was parsed from) of a user's evaluation file.
+
+    ``.txt``: UTF-8 paragraphs (blocks separated by blank lines, each stripped) joined by "\\n\\n", as the GPTQ
+    protocol joins WikiText2's rows; ``.jsonl``: the ``text`` field of every line, joined the same way.
+    """
+    p = Path(path)
+    if p.suffix not in TEXT_SUFFIXES:
+        raise ConfigError(f"evaluation text {p} must be a .txt or .jsonl file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise _read_error(p, e) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if p.suffix == ".jsonl":
+        rows = [r for r in _parse_jsonl(p, data, "text")]
+    else:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"evaluation text {p} is not valid UTF-8 (byte {e.start}): {e.reason}") from None
+        rows = [b.strip() for b in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))]
+        rows = [b for b in rows if b]
+    if not rows:
+        raise ConfigError(f"evaluation text {p} holds no text")
+    return "\n\n".join(rows), digest

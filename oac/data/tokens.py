@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from oac.data.text import check_available, read_corpus, source_digest
+from oac.data.text import TEXT_SUFFIXES, check_available, local_text, read_corpus, source_digest
 from oac.errors import ConfigError
 from oac.io import atomic_write, quarantine
 from oac.models import tokenizer_fingerprint
@@ -87,6 +87,35 @@ def _rows(corpus: str, data_dir, verify: bool, digest: str | None) -> list[str]:
     if got != digest:
         raise ConfigError(f"data file for {corpus!r} under {data_dir} changed while it was being read; run again")
     return rows
+
+
+def eval_set(entry: str) -> tuple[str, str]:
+    """(key in result.json and tables, source) of an ``eval.ppl.datasets`` entry: a built-in protocol name, a path
+    to a local ``.txt`` / ``.jsonl`` (key: the file's stem) or ``name=path``. Raises ConfigError for anything else."""
+    entry = str(entry)
+    if entry in PPL_DATASETS:
+        return entry, entry
+    name, sep, path = entry.partition("=")
+    if not sep:
+        name, path = Path(entry).stem, entry
+    if Path(path).suffix not in TEXT_SUFFIXES:
+        raise ConfigError(f"unknown perplexity dataset {entry!r}; known: {list(PPL_DATASETS)}, or a path to a "
+                          ".txt / .jsonl file (optionally name=path)")
+    if not name or name in PPL_DATASETS:
+        raise ConfigError(f"evaluation text {entry!r}: its key {name!r} must be non-empty and not a built-in set name")
+    if not Path(path).is_file():
+        raise ConfigError(f"evaluation text {path} does not exist")
+    return name, path
+
+
+def text_stream(tok, path, *, cache_dir=None) -> tuple[torch.Tensor, str]:
+    """([1, L] token ids, sha256 of the file) of a local evaluation text (:func:`oac.data.text.local_text`), cached
+    by content digest like the built-in corpora."""
+    text, digest = local_text(path)
+    key = {"kind": "eval-text", "tok": tokenizer_fingerprint(tok), "src": f"sha256:{digest}", "v": 1}
+    ids = _cached(cache_dir, key, lambda: torch.tensor(_encode(tok, text), dtype=torch.long).unsqueeze(0),
+                  lambda t: None if t.dim() == 2 and t.shape[0] == 1 else f"shape {list(t.shape)}, expected [1, L]")
+    return ids, digest
 
 
 def eval_source(name: str) -> str:

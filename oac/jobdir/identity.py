@@ -7,9 +7,14 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
-# keys (dotted) that never change a job's numbers: output/cache locations, checkpointing, logging, threads
+# keys (dotted) that never change a job's numbers: output/cache locations, checkpointing, logging, threads (the
+# thread count can move last bits: it is recorded in result.json "environment", oac/environment.py).
+# eval.kl adds metrics without changing any other: a complete result that lacks a requested KL is rerun
+# (oac.jobdir.record.missing_metrics), so it needs no place in the hash.
 VOLATILE_KEYS = ("hydra", "paths.output_dir", "paths.cache_dir", "paths.verify_data", "checkpoint", "skip_complete",
-                 "threads", "logger", "oac_cache_dir", "method.oac.cache_dir")
+                 "threads", "logger", "oac_cache_dir", "method.oac.cache_dir", "eval.kl")
+# keys added after results were committed: they enter the hash only when set, so older jobs keep their hash
+DEFAULT_KEYS = {"jitter_seed": None, "eval.ppl.max_tokens": None}
 
 
 def plain_config(cfg: DictConfig | dict) -> dict:
@@ -17,13 +22,13 @@ def plain_config(cfg: DictConfig | dict) -> dict:
 
 
 def config_hash(cfg: DictConfig | dict) -> str:
-    """sha256 (16 hex) of the resolved config without :data:`VOLATILE_KEYS`."""
+    """sha256 (16 hex) of the resolved config without :data:`VOLATILE_KEYS` (and :data:`DEFAULT_KEYS` at their default)."""
     d = plain_config(cfg)
-    for key in VOLATILE_KEYS:
+    for key in (*VOLATILE_KEYS, *DEFAULT_KEYS):
         *parents, last = key.split(".")
         node = d
         for p in parents:
             node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
+        if isinstance(node, dict) and last in node and (key not in DEFAULT_KEYS or node[last] == DEFAULT_KEYS[key]):
+            node.pop(last)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
