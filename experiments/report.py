@@ -29,12 +29,14 @@ from pathlib import Path
 import pandas as pd
 
 from oac.jobdir import RESULT_FILE
-from experiments.seeds import missing_markdown, paired, paired_markdown, seed_summary, summary_markdown
+from experiments.seeds import (band_markdown, missing_markdown, paired, paired_markdown, quality_markdown,
+                               seed_summary, summary_markdown)
 from oac.rows import BITS, group_key, result_row  # noqa: F401  (result_row: public API)
 
 log = logging.getLogger("report")
 
-METRIC_PREFIXES = ("ppl:", "zs:")
+METRIC_PREFIXES = ("ppl:", "kl:", "top1:", "zs:")
+PIVOT_METRICS = ("ppl", "zs")  # the paper-style layout; KL and top-1 have their own section
 PAPER_SCALE = {"calib_nsamples": 128, "calib_seqlen": 2048, "eval_seqlen": 2048}
 # our perplexity dataset -> (reference dataset, protocols that match it exactly)
 DATASET_MAP = {"wikitext2": ("wikitext2", {"wikitext2@2048"}), "c4-new": ("c4", {"c4-new"}),
@@ -93,8 +95,11 @@ def _varying_settings(results: dict[str, dict], groups: pd.DataFrame) -> dict[st
 
 
 def aggregate(runs: pd.DataFrame, configs: dict[str, dict]) -> pd.DataFrame:
-    """Long format over complete runs: one row per (configuration, metric) with mean/std/n over seeds."""
+    """Long format over complete runs: one row per (configuration, metric) with mean/std/n over seeds
+    (numeric-jitter replicates are left out: they measure the band, ``experiments/seeds.py``)."""
     done = runs[runs["status"] == "complete"].copy()
+    if "jitter_seed" in done:
+        done = done[pd.to_numeric(done["jitter_seed"], errors="coerce").isna()]
     if done.empty:
         return pd.DataFrame()
     done["label"] = done.apply(_label, axis=1)
@@ -198,6 +203,7 @@ def _fmt(v, std=None, n=None) -> str:
 
 
 def _pivot(long: pd.DataFrame, cell) -> pd.DataFrame:
+    long = long[long["metric"].isin(PIVOT_METRICS)]
     firsts = long.drop_duplicates("label")
     labels = [lab for _, lab in sorted(zip(firsts["order"], firsts["label"]), key=lambda t: tuple(t[0]))]
     datasets = list(dict.fromkeys(long["dataset"]))
@@ -220,6 +226,22 @@ def _pivot(long: pd.DataFrame, cell) -> pd.DataFrame:
     return df
 
 
+def _windows_text(runs: pd.DataFrame) -> str:
+    """The windows the numbers were computed over, from the results (never from the config alone)."""
+    done = runs[runs["status"] == "complete"]
+    parts, mixed = [], []
+    for c in [c for c in done.columns if c.startswith("windows:")]:
+        w = sorted({int(v) for v in pd.to_numeric(done[c], errors="coerce").dropna()})
+        if w:
+            parts.append(f"{c.split(':', 1)[1]} {'/'.join(map(str, w))}")
+            if len(w) > 1:
+                mixed.append(c.split(":", 1)[1])
+    text = "windows per set: " + (", ".join(parts) if parts else "not recorded")
+    if mixed:
+        text += f" (**different window counts within this table for {', '.join(mixed)}**: see windows:<set> in the runs CSV)"
+    return text
+
+
 def _ref_cell(r) -> str:
     parts = []
     if r.get("paper_status") not in (None, "") and not pd.isna(r.get("paper_status")):
@@ -231,13 +253,20 @@ def _ref_cell(r) -> str:
     return "; ".join(parts)
 
 
+def experiments_of(table: str) -> list[str]:
+    """The experiment configs whose jobs carry this tag (e.g. main_cpu_jitter adds replicates to main_cpu)."""
+    exp_dir = Path(__file__).resolve().parents[1] / "configs" / "experiment"
+    found = [p.stem for p in sorted(exp_dir.glob("*.yaml")) if p.stem != table
+             and any(line.strip() == f"tag: {table}" for line in p.read_text().splitlines())]
+    return ([table] if (exp_dir / f"{table}.yaml").exists() else []) + found
+
+
 def markdown(table: str, long: pd.DataFrame, runs: pd.DataFrame, pairs: pd.DataFrame | None = None,
              summary: pd.DataFrame | None = None) -> str:
-    cmd = f"python -m experiments.run -m experiment={table}" if (
-        Path(__file__).resolve().parents[1] / "configs" / "experiment" / f"{table}.yaml").exists() else None
+    cmds = [f"`python -m experiments.run -m experiment={e}`" for e in experiments_of(table)]
     lines = [f"# {table}", ""]
-    if cmd:
-        lines += [f"Produced by `{cmd}` then `python -m experiments.report`.", ""]
+    if cmds:
+        lines += [f"Produced by {' and '.join(cmds)} then `python -m experiments.report`.", ""]
     failed = runs[runs["status"] != "complete"]
     if len(failed):
         lines += [f"{len(failed)} job(s) not complete:", ""]
@@ -250,16 +279,16 @@ def markdown(table: str, long: pd.DataFrame, runs: pd.DataFrame, pairs: pd.DataF
     if long.empty:
         return "\n".join(lines + ["No complete results yet.", ""])
     first = long.iloc[0]
-    mw = first.get("max_windows")
     lines += [f"Calibration {first['calib_nsamples']} x {first['calib_seqlen']} ({first['calib_dataset']}); "
-              f"perplexity at seqlen {first['eval_seqlen']}"
-              + (f", first {int(mw)} windows" if mw is not None and not pd.isna(mw) else ", full sets")
+              f"perplexity at seqlen {first['eval_seqlen']}, " + _windows_text(runs)
               + "; zero-shot in %. `bits` = bits_reported (the method paper's convention, PROTOCOLS.md §4); "
               "bits_full is in the CSV. Mean ± std over calibration seeds when n > 1.", ""]
     ours = _pivot(long, lambda r: _fmt(r["value"], r["std"], r["n"]))
     lines += ["## Ours", "", ours.to_markdown(disable_numparse=True), ""]
     lines += missing_markdown(summary if summary is not None else pd.DataFrame())
+    lines += quality_markdown(summary if summary is not None else pd.DataFrame(), runs)
     lines += paired_markdown(pairs if pairs is not None else pd.DataFrame())
+    lines += band_markdown(summary if summary is not None else pd.DataFrame())
     lines += summary_markdown(summary if summary is not None else pd.DataFrame(), runs)
     refs = _pivot(long, _ref_cell)
     if (refs.drop(columns=[c for c in refs.columns if c.endswith("· bits")]) != "").any().any():

@@ -31,12 +31,14 @@ import pandas as pd
 from oac.rows import BITS
 
 TIMES = ["time_quantize_s", "time_hessian_s", "time_total_s"]
-HIGHER_IS_BETTER = ("zs:",)
+QUALITY = ("ppl:", "kl:", "top1:", "zs:")
+HIGHER_IS_BETTER = ("zs:", "top1:")
+LOG_SCALE = ("ppl:", "kl:")  # paired as log-ratios: their spread grows with their level
 
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
-    """Metrics of a per-job frame: perplexities and accuracies first, then bits and times."""
-    quality = [c for c in runs.columns if c.startswith(("ppl:", "zs:"))]
+    """Metrics of a per-job frame: perplexity, KL, top-1 agreement and accuracies first, then bits and times."""
+    quality = [c for p in QUALITY for c in runs.columns if c.startswith(p)]
     return quality + [c for c in BITS + TIMES if c in runs.columns]
 
 
@@ -44,38 +46,69 @@ def _seed_int(s) -> int | None:
     return None if s is None or (isinstance(s, float) and math.isnan(s)) else int(s)
 
 
-def _expected_seeds(runs: pd.DataFrame) -> dict[str, set[int]]:
-    """Per table: every calibration seed seen in a calibrated job of the table."""
+def _jittered(df: pd.DataFrame) -> pd.Series:
+    if "jitter_seed" not in df:
+        return pd.Series(False, index=df.index)
+    return df["jitter_seed"].map(lambda v: _seed_int(v) is not None).astype(bool)
+
+
+def _reps(df: pd.DataFrame) -> pd.Series:
+    if "replicate" in df:
+        return df["replicate"]
+    return df["calib_seed"].map(lambda s: None if _seed_int(s) is None else str(_seed_int(s)))
+
+
+def _rep_key(r: str):
+    seed, _, jit = str(r).partition("/j")
+    return (int(seed) if seed.lstrip("-").isdigit() else 0, -1 if not jit else int(jit))
+
+
+def _expected_seeds(runs: pd.DataFrame) -> dict[str, set[str]]:
+    """Per table: every calibration-seed replicate (``<seed>``, unjittered) seen in a calibrated job of the table.
+    Jitter replicates are extras: expected only of the configurations that have them."""
     calibrated = runs[runs["calibrated"].astype(bool)] if "calibrated" in runs else runs
-    return {t: {s for s in map(_seed_int, sub["calib_seed"]) if s is not None}
-            for t, sub in calibrated.groupby("table")}
+    calibrated = calibrated[~_jittered(calibrated)]
+    return {t: {r for r in _reps(sub) if isinstance(r, str)} for t, sub in calibrated.groupby("table")}
 
 
-def _missing(sub: pd.DataFrame, expected: set[int]) -> list[int]:
+def _missing(sub: pd.DataFrame, expected: set[str]) -> list[str]:
     if "calibrated" in sub and not sub["calibrated"].astype(bool).any():
         return []
-    done = {_seed_int(s) for s in sub.loc[sub["status"] == "complete", "calib_seed"]}
-    return sorted(expected - done)
+    done = set(_reps(sub[sub["status"] == "complete"]))
+    tried = set(_reps(sub[_jittered(sub)]))  # a jitter replicate that exists but is not complete
+    return sorted((expected | tried) - done, key=_rep_key)
 
 
 def seed_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (configuration, metric): mean, std (n > 1), min, max, n, the seeds used and the missing ones."""
+    """One row per (configuration, metric): mean, std (n > 1), min, max, n over the calibration seeds (unjittered
+    jobs), the seeds used and the missing replicates; and the numeric band: std / min / max / n over the jobs of
+    one seed that differ only in ``jitter_seed`` (with the unjittered one), where jitter replicates exist."""
     expected = _expected_seeds(runs)
     rows = []
     for (table, group), sub in runs.groupby(["table", "group"], sort=False):
         done = sub[sub["status"] == "complete"]
+        seeds_done = done[~_jittered(done)]
         first = sub.iloc[0]
         missing = _missing(sub, expected.get(table, set()))
+        jit = done[_jittered(done)]
+        band_seed = _seed_int(jit["calib_seed"].iloc[0]) if len(jit) else None
+        band = done[done["calib_seed"].map(_seed_int) == band_seed] if band_seed is not None else done.iloc[:0]
         base = {"table": table, "group": group, "model": first["model"], "method": first["method"],
                 "label": first.get("label", first["method"]), "seeds": ",".join(map(str, sorted(
-                    {_seed_int(s) for s in done["calib_seed"] if _seed_int(s) is not None}))),
-                "missing_seeds": ",".join(map(str, missing))}
+                    {_seed_int(s) for s in seeds_done["calib_seed"] if _seed_int(s) is not None}))),
+                "missing_seeds": ",".join(missing),
+                "band_replicates": ",".join(sorted(_reps(band), key=_rep_key)) if len(jit) else ""}
         for m in metric_columns(runs):
-            vals = pd.to_numeric(done[m], errors="coerce").dropna() if m in done else pd.Series(dtype=float)
-            if vals.empty:
+            vals = pd.to_numeric(seeds_done[m], errors="coerce").dropna() if m in seeds_done else pd.Series(dtype=float)
+            bvals = pd.to_numeric(band[m], errors="coerce").dropna() if m in band and len(jit) else pd.Series(dtype=float)
+            if vals.empty and bvals.empty:
                 continue
-            rows.append({**base, "metric": m, "mean": vals.mean(), "std": vals.std(ddof=1) if len(vals) > 1 else np.nan,
-                         "min": vals.min(), "max": vals.max(), "n": len(vals)})
+            row = {**base, "metric": m, "mean": vals.mean(), "std": vals.std(ddof=1) if len(vals) > 1 else np.nan,
+                   "min": vals.min(), "max": vals.max(), "n": len(vals)}
+            if len(bvals):
+                row.update({"band_mean": bvals.mean(), "band_std": bvals.std(ddof=1) if len(bvals) > 1 else np.nan,
+                            "band_min": bvals.min(), "band_max": bvals.max(), "band_n": len(bvals)})
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -103,47 +136,51 @@ def paired(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _pair_rows(table: str, oac: pd.DataFrame, bb: pd.DataFrame, expected: set[int]) -> list[dict]:
-    def by_seed(df):
+def _pair_rows(table: str, oac: pd.DataFrame, bb: pd.DataFrame, expected: set[str]) -> list[dict]:
+    def by_rep(df):
         done = df[df["status"] == "complete"]
-        return done.assign(seed=[_seed_int(s) for s in done["calib_seed"]]).set_index("seed")
+        return done.assign(rep=list(_reps(done))).set_index("rep")
 
-    o, b = by_seed(oac), by_seed(bb)
-    common = sorted(set(o.index) & set(b.index))
-    missing = sorted((expected | set(o.index) | set(b.index)) - set(common))
+    o, b = by_rep(oac), by_rep(bb)
+    common = sorted(set(o.index) & set(b.index), key=_rep_key)
+    missing = sorted((expected | set(o.index) | set(b.index)) - set(common), key=_rep_key)
     out = []
-    for m in [c for c in metric_columns(pd.concat([oac, bb])) if c.startswith(("ppl:", "zs:"))]:
+    for m in [c for c in metric_columns(pd.concat([oac, bb])) if c.startswith(QUALITY)]:
         ov = pd.to_numeric(o.loc[common, m], errors="coerce") if m in o else pd.Series(dtype=float)
         bv = pd.to_numeric(b.loc[common, m], errors="coerce") if m in b else pd.Series(dtype=float)
         ok = ov.notna() & bv.notna()
         ov, bv = ov[ok], bv[ok]
         if ov.empty:
             continue
-        log_scale = m.startswith("ppl:")
+        log_scale = m.startswith(LOG_SCALE)
+        higher = m.startswith(HIGHER_IS_BETTER)
         d = (np.log(ov) - np.log(bv)) if log_scale else (ov - bv)
         n = len(d)
         sd = d.std(ddof=1) if n > 1 else np.nan
         se = sd / math.sqrt(n) if n > 1 else np.nan
         mean = float(d.mean())
+        n_jit = sum("/j" in r for r in ov.index)
         out.append({
             "table": table, "model": oac.iloc[0]["model"], "method": oac.iloc[0]["method"],
             "backbone": bb.iloc[0]["method"], "label": oac.iloc[0].get("label", oac.iloc[0]["method"]),
             "backbone_label": bb.iloc[0].get("label", bb.iloc[0]["method"]),
             "oac_group": oac.iloc[0]["group"], "backbone_group": bb.iloc[0]["group"],
-            "metric": m, "scale": "log" if log_scale else "points", "n": n, "seeds": ",".join(map(str, ov.index)),
-            "missing_seeds": ",".join(map(str, missing)),
+            "metric": m, "scale": "log" if log_scale else "points", "n": n, "n_seeds": n - n_jit, "n_jitter": n_jit,
+            "seeds": ",".join(ov.index), "missing_seeds": ",".join(missing),
             "backbone_mean": bv.mean(), "backbone_std": bv.std(ddof=1) if n > 1 else np.nan,
             "oac_mean": ov.mean(), "oac_std": ov.std(ddof=1) if n > 1 else np.nan,
             "diff_mean": mean, "diff_sd": sd, "diff_se": se,
             "change_pct": 100 * (math.exp(mean) - 1) if log_scale else np.nan,
-            "wins": int((d < 0).sum() if log_scale else (d > 0).sum()),
-            "verdict": _verdict(mean, se, n, higher_is_better=not log_scale),
+            "wins": int((d > 0).sum() if higher else (d < 0).sum()),
+            "verdict": _verdict(mean, se, n, higher_is_better=higher),
         })
     return out
 
 
 def _num(v: float) -> str:
-    return "—" if v is None or not math.isfinite(v) else (f"{v:.2f}" if abs(v) < 1e4 else f"{v:.3g}")
+    if v is None or not math.isfinite(v):
+        return "—"
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}" if abs(v) < 1e4 else f"{v:.3g}"
 
 
 def _mean_std(mean: float, std: float, n: int) -> str:
@@ -154,14 +191,16 @@ def paired_markdown(pairs: pd.DataFrame) -> list[str]:
     """The paired section of a table's Markdown (empty when the table has no OAC/backbone pair)."""
     if pairs.empty:
         return []
-    lines = ["## OAC vs its backbone, paired over calibration seeds", "",
-             "Same seed = same calibration windows. Δ: perplexity change of OAC relative to the backbone "
-             "(geometric mean over seeds, from the paired log-ratio), accuracy in points. Verdict: "
-             "|mean paired difference| > 2 standard errors, else tie; n < 2 gives none. wins: seeds where OAC is "
-             "better. Δ ± 2·se: the mean paired difference ± 2 standard errors (for perplexity mapped back from the "
-             "log-ratio, hence asymmetric); the verdict is not a tie when this range excludes 0.", "",
-             "| pair | metric | backbone | OAC | Δ | Δ ± 2·se | wins | verdict | missing seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["## OAC vs its backbone, paired over replicates", "",
+             "A replicate is a calibration seed (`1`: the same windows for both methods) or, at one seed, a numeric "
+             "jitter replicate (`0/j1`: every H multiplied by 1 + 2⁻²³u, `jitter_seed`, oac/numerics.py), which "
+             "stands for what another machine or thread count does to the last bits. Δ: change of OAC relative to "
+             "the backbone, for perplexity and KL the geometric mean of the paired ratio (log scale), for top-1 "
+             "agreement and accuracies in points. Verdict: |mean paired difference| > 2 standard errors, else tie; "
+             "n < 2 gives none. wins: replicates where OAC is better. Δ ± 2·se: the mean paired difference ± 2 "
+             "standard errors (log-scale metrics mapped back, hence asymmetric).", "",
+             "| pair | metric | backbone | OAC | Δ | Δ ± 2·se | wins | verdict | replicates | missing |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in pairs.iterrows():
         lo, hi = r["diff_mean"] - 2 * r["diff_se"], r["diff_mean"] + 2 * r["diff_se"]
         if r["scale"] == "log":
@@ -171,10 +210,75 @@ def paired_markdown(pairs: pd.DataFrame) -> list[str]:
         else:
             delta = f"{r['diff_mean']:+.2f}"
             band = "—" if not math.isfinite(r["diff_se"]) else f"{lo:+.2f} … {hi:+.2f}"
-        lines.append(f"| {r['label']} vs {r['backbone']} | {r['metric']} | "
+        reps = f"{r.get('n_seeds', r['n'])} seeds" + (f" + {r['n_jitter']} jitter" if r.get("n_jitter") else "")
+        lines.append(f"| {r['label']} vs {r['backbone']} | {metric_name(r['metric'])} | "
                      f"{_mean_std(r['backbone_mean'], r['backbone_std'], r['n'])} | "
                      f"{_mean_std(r['oac_mean'], r['oac_std'], r['n'])} | {delta} | {band} | {r['wins']}/{r['n']} | "
-                     f"**{r['verdict']}** | {r['missing_seeds'] or '—'} |")
+                     f"**{r['verdict']}** | {reps} | {r['missing_seeds'] or '—'} |")
+    return lines + [""]
+
+
+def metric_name(m: str) -> str:
+    kind, _, ds = m.partition(":")
+    return {"ppl": "ppl", "kl": "KL", "top1": "top-1 %", "zs": "acc"}.get(kind, kind) + (f" {ds}" if ds else "")
+
+
+def quality_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    """Perplexity, KL to the FP model and top-1 agreement per configuration (mean ± std over seeds), with the
+    windows every number was computed over; a set evaluated over different windows in one table is flagged."""
+    if summary.empty:
+        return []
+    metrics = [m for m in dict.fromkeys(summary["metric"]) if m.startswith(("ppl:", "kl:", "top1:"))]
+    if not any(m.startswith("kl:") for m in metrics):
+        return []
+    done = runs[runs["status"] == "complete"]
+    windows = {c.split(":", 1)[1]: sorted({int(v) for v in pd.to_numeric(done[c], errors="coerce").dropna()})
+               for c in done.columns if c.startswith("windows:")}
+    mixed = {d: w for d, w in windows.items() if len(w) > 1}
+    order = {m: i for i, m in enumerate(metrics)}
+    lines = ["## Perplexity, KL to the full-precision model, top-1 agreement (mean ± std over calibration seeds)", "",
+             "KL: mean over predicted tokens of KL(p_FP ‖ p_Q) in nats, full vocabulary, fp32, on the perplexity "
+             "windows; top-1: % of tokens whose argmax matches the FP model's. Windows per set: "
+             + ", ".join(f"{d} {'/'.join(map(str, w))}" for d, w in windows.items()) + ".", ""]
+    if mixed:
+        lines += ["**Windows differ within this table** for " + ", ".join(mixed) + ": compare those cells only "
+                  "between configurations with the same count (see `windows:<set>` in the runs CSV).", ""]
+    lines += ["| configuration | seeds | " + " | ".join(metric_name(m) for m in metrics) + " |",
+              "|---|---|" + "---|" * len(metrics)]
+    for g, rows in summary[summary["metric"].isin(metrics)].groupby("group", sort=False):
+        by = rows.set_index("metric")
+        cells = [_mean_std(by.loc[m, "mean"], by.loc[m, "std"], int(by.loc[m, "n"])).replace(
+            f" (n={int(by.loc[m, 'n'])})", "") if m in by.index and by.loc[m, "n"] > 0 else "—"
+            for m in sorted(by.index, key=order.get)]
+        lines.append(f"| {rows.iloc[0]['label']} | {rows.iloc[0]['seeds'] or '—'} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def band_markdown(summary: pd.DataFrame) -> list[str]:
+    """The numeric band (jitter replicates at one seed) next to the calibration-seed spread, per configuration."""
+    if summary.empty or "band_n" not in summary:
+        return []
+    sub = summary[summary["band_n"].fillna(0) > 1]
+    sub = sub[sub["metric"].str.startswith(("ppl:", "kl:", "top1:"))]
+    if sub.empty:
+        return []
+    lines = ["## Numeric band vs calibration-seed spread", "",
+             "Seed spread: std over calibration seeds (unjittered jobs). Numeric band: the jobs of one seed that "
+             "differ only in `jitter_seed` (a one-ulp perturbation of every H; the unjittered job included): std and "
+             "range. Relative to the mean for perplexity and KL. Where the band is comparable to the seed spread, "
+             "a number from another machine or thread count can differ by as much as a number from another seed.", "",
+             "| configuration | metric | seeds: mean ± std | seed spread | replicates | band: mean ± std | band range "
+             "| band / seed spread |", "|---|---|---|---|---|---|---|---|"]
+
+    def rel(std, mean, m):
+        return "—" if not math.isfinite(std) else (f"{100 * std / mean:.1f}%" if m.startswith(("ppl:", "kl:"))
+                                                   else f"{std:.2f} pt")
+    for _, r in sub.iterrows():
+        ratio = r["band_std"] / r["std"] if math.isfinite(r["std"]) and r["std"] > 0 else float("nan")
+        lines.append(f"| {r['label']} | {metric_name(r['metric'])} | {_mean_std(r['mean'], r['std'], int(r['n']))} | "
+                     f"{rel(r['std'], r['mean'], r['metric'])} | {r['band_replicates']} | "
+                     f"{_mean_std(r['band_mean'], r['band_std'], int(r['band_n']))} | "
+                     f"{_num(r['band_min'])} … {_num(r['band_max'])} | {'—' if not math.isfinite(ratio) else f'{ratio:.2f}'} |")
     return lines + [""]
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from oac import hessian, solvers
+from oac.environment import summary as environment_summary
 from oac.jobdir import config_hash, job_state
 from oac.method import source_keys
 
@@ -35,6 +36,7 @@ def result_row(result: dict, job_dir: str | Path | None = None) -> dict:
         "calib_nsamples": _get(cfg, "calib.nsamples"),
         "calib_seqlen": _get(cfg, "calib.seqlen"),
         "calib_seed": _get(cfg, "calib.seed"),
+        "jitter_seed": _get(cfg, "jitter_seed"),
         "eval_seqlen": _get(cfg, "eval.ppl.seqlen"),
         "max_windows": _get(cfg, "eval.ppl.max_windows"),
         "device": str(result.get("device", "")).split(":")[0],
@@ -43,6 +45,10 @@ def result_row(result: dict, job_dir: str | Path | None = None) -> dict:
     }
     row.update({k: result.get(k) for k in BITS})
     row.update({f"ppl:{k}": v for k, v in (result.get("ppl") or {}).items()})
+    row.update({f"kl:{k}": v for k, v in (result.get("kl") or {}).items()})  # nats per token vs the FP model
+    row.update({f"top1:{k}": None if v is None else 100 * v for k, v in (result.get("top1_agreement") or {}).items()})
+    # windows each number was computed over (ppl and KL share them)
+    row.update({f"windows:{k}": d.get("n_windows") for k, d in (result.get("ppl_details") or {}).items()})
     zs = result.get("zeroshot") or {}
     for task, entry in (zs.get("tasks") or {}).items():
         v = entry.get(entry.get("metric_for_avg", "acc"))
@@ -64,14 +70,30 @@ def result_row(result: dict, job_dir: str | Path | None = None) -> dict:
     row["variant"] = hessian.is_variant(row["hessian"])  # paired with its layer-wise backbone in the report
     row["order"] = method_order(row["solver"], row["hessian"])
     row["overrides"] = overrides_of(result)
+    row["replicate"] = replicate_id(row["calib_seed"], row["jitter_seed"])
+    env = result.get("environment") or {}
+    row["threads"] = env.get("threads")
+    row["environment"] = environment_summary(env)
     row["job_dir"] = str(job_dir) if job_dir is not None else None
     return row
 
 
+def replicate_id(seed, jitter) -> str | None:
+    """A replicate of a configuration: its calibration seed, and its numeric jitter when set (``0``, ``0/j1``)."""
+    def val(v):
+        return None if v is None or (isinstance(v, float) and v != v) else int(v)
+
+    s, j = val(seed), val(jitter)
+    if s is None and j is None:
+        return None
+    return f"{s}" + (f"/j{j}" if j is not None else "")
+
+
 def group_key(cfg: dict) -> str:
-    """Identity of a configuration up to the calibration seed."""
+    """Identity of a configuration up to its replicates: the calibration seed and the numeric jitter."""
     cfg = json.loads(json.dumps(cfg))
     cfg.get("calib", {}).pop("seed", None)
+    cfg.pop("jitter_seed", None)
     return config_hash(cfg)
 
 
@@ -100,6 +122,7 @@ def pair_key(cfg: dict) -> str:
     The source's keys come from the registry (``oac.method.source_keys``)."""
     cfg = json.loads(json.dumps(cfg))
     cfg.get("calib", {}).pop("seed", None)
+    cfg.pop("jitter_seed", None)
     cfg.pop("tag", None)
     method = cfg.get("method") or {}
     for k in source_keys():

@@ -26,8 +26,14 @@ def test_notebook_executes(tmp_path, monkeypatch):
                                              ("oac_billm", 1, 950.0)]):  # a seed-paired table
         from tests.experiments.test_report import seeded
 
-        write_json_atomic(tmp_path / "outputs" / f"p{i}" / "result.json",
-                          seeded(method, seed, {"wikitext2": ppl}, backbone="billm"))
+        r = seeded(method, seed, {"wikitext2": ppl}, backbone="billm")
+        r["kl"] = {"wikitext2": ppl / 1000}
+        write_json_atomic(tmp_path / "outputs" / f"p{i}" / "result.json", r)
+    for method, ppl in (("billm", 990.0), ("oac_billm", 940.0)):  # a numeric-jitter replicate of seed 1
+        r = seeded(method, 1, {"wikitext2": ppl}, backbone="billm")
+        r["config"]["jitter_seed"] = 1
+        r["kl"] = {"wikitext2": ppl / 1000}
+        write_json_atomic(tmp_path / "outputs" / f"j-{method}" / "result.json", r)
     report(tmp_path / "outputs", results)
     monkeypatch.setenv("OAC_RESULTS", str(results))
     nb = nbformat.read(ROOT / "notebooks" / "compare_paper_tables.ipynb", as_version=4)

@@ -165,3 +165,40 @@ def test_verdict_flips_when_oac_is_worse():
     assert _verdict(0.1, 0.01, 3, higher_is_better=True) == "OAC better"
     assert _verdict(0.1, 0.06, 3, higher_is_better=False) == "tie"
     assert _verdict(0.1, float("nan"), 1, higher_is_better=False) == "n/a (n<2)"
+
+
+def test_kl_verdicts_and_jitter_replicates_in_the_pairs_and_the_band(tmp_path):
+    """Seeds 0-2 plus jitter replicates 0/j1, 0/j2 of both sides: 5 pairs; KL is paired on the log scale, top-1
+    agreement in points (higher is better); the band is the spread over the seed-0 replicates."""
+    import math
+
+    out = tmp_path / "outputs"
+    kl_bb = {"0": 1.00, "1": 1.20, "2": 0.90, "0/j1": 1.05, "0/j2": 0.97}
+    for rep, k in kl_bb.items():
+        seed, _, jit = rep.partition("/j")
+        for method, factor in (("spqr", 1.0), ("oac_spqr", 0.9)):
+            r = seeded(method, int(seed), {"wikitext2": 100 * k * factor}, backbone="spqr")
+            r["kl"] = {"wikitext2": k * factor * (1 + 0.001 * len(rep))}
+            r["top1_agreement"] = {"wikitext2": 0.5 + (0.05 if method == "oac_spqr" else 0.0)}
+            r["ppl_details"] = {"wikitext2": {"n_windows": 20}}
+            if jit:
+                r["config"]["jitter_seed"] = int(jit)
+            write_json_atomic(out / f"{method}/{rep.replace('/', '_')}" / "result.json", r)
+    report(out, tmp_path / "results")
+    pairs = pd.read_csv(tmp_path / "results" / "main_paired.csv", keep_default_na=False)
+    kl = pairs[pairs["metric"] == "kl:wikitext2"].iloc[0]
+    assert kl["n"] == 5 and kl["n_seeds"] == 3 and kl["n_jitter"] == 2 and kl["seeds"] == "0,0/j1,0/j2,1,2"
+    assert kl["scale"] == "log" and kl["diff_mean"] == pytest.approx(math.log(0.9)) and kl["verdict"] == "OAC better"
+    top1 = pairs[pairs["metric"] == "top1:wikitext2"].iloc[0]
+    assert top1["scale"] == "points" and top1["diff_mean"] == pytest.approx(5.0) and top1["wins"] == 5
+    seeds = pd.read_csv(tmp_path / "results" / "main_seeds.csv", keep_default_na=False)
+    s = seeds[(seeds["method"] == "spqr") & (seeds["metric"] == "kl:wikitext2")].iloc[0]
+    assert s["n"] == 3 and s["seeds"] == "0,1,2"  # the seed statistics use the unjittered jobs only
+    band = [kl_bb[r] * (1 + 0.001 * len(r)) for r in ("0", "0/j1", "0/j2")]
+    assert s["band_n"] == 3 and s["band_replicates"] == "0,0/j1,0/j2"
+    assert float(s["band_std"]) == pytest.approx(pd.Series(band).std())
+    long = pd.read_csv(tmp_path / "results" / "main.csv")
+    assert long[(long["method"] == "spqr") & (long["metric"] == "ppl")]["n"].iloc[0] == 3
+    md = (tmp_path / "results" / "main.md").read_text()
+    assert "Numeric band vs calibration-seed spread" in md and "KL wikitext2" in md and "3 seeds + 2 jitter" in md
+    assert "windows per set: wikitext2 20" in md
