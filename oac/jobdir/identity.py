@@ -7,9 +7,10 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
-# keys (dotted) that never change a job's numbers: output/cache locations, checkpointing, logging, threads
+# keys (dotted) that never change a job's numbers: output/cache locations, checkpointing, logging, threads, the
+# layout a saved model is written in (save_format)
 VOLATILE_KEYS = ("hydra", "paths.output_dir", "paths.cache_dir", "paths.verify_data", "checkpoint", "skip_complete",
-                 "threads", "logger", "oac_cache_dir", "method.oac.cache_dir")
+                 "threads", "logger", "oac_cache_dir", "method.oac.cache_dir", "save_format")
 
 
 def plain_config(cfg: DictConfig | dict) -> dict:
