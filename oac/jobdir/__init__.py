@@ -70,6 +70,10 @@ class JobDir:
         try:
             if clear:
                 clear_checkpoint(self.path, keep_blocks=keep_blocks)
+                if keep_blocks and self.cfg.get("save_format", "native") != "native":
+                    from oac.jobdir.export import finish_save
+
+                    finish_save(self.path, self.cfg)
         finally:
             self._lock.release()
 

@@ -105,7 +105,7 @@ def grids_from_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor], met
         raise ConfigError("the saved model has no solver grids (<module>.scale): nothing to export")
     grids = {}
     for name in names:
-        W = model.get_submodule(name).weight
+        W = model.get_submodule(name).weight.detach().cpu()
         try:
             grids[name] = layer_grid(W, masks[f"{name}.scale"], masks[f"{name}.zero"], wbits=int(method["wbits"]),
                                      groupsize=int(method["groupsize"]), sym=bool(method.get("sym", False)),
@@ -183,7 +183,7 @@ def write_compressed(model: torch.nn.Module, tokenizer, grids: dict[str, LayerGr
             args = _weight_args(grid)
             key = _scheme_key(grid)
             scheme = QuantizationScheme(targets=[name], weights=args, format=CT_FORMAT)
-            packed = compress_layer(model.get_submodule(name).weight, grid, scheme, name)
+            packed = compress_layer(model.get_submodule(name).weight.detach().cpu(), grid, scheme, name)
             state.pop(f"{name}.weight")
             state.update({f"{name}.{k}": v for k, v in packed.items()})
             groups.setdefault(key, (args, []))[1].append(name)
@@ -287,8 +287,9 @@ def export_job(job_dir: str | os.PathLike, *, cache_dir: str = ".cache", out_dir
 
 
 def save_record(job_dir: str | os.PathLike, cfg: DictConfig, model, tokenizer, result: dict) -> dict:
-    """After the native save of a job: export it if ``save_format=compressed-tensors`` (dropping the native block
-    files), and return ``result["saved"]`` (format, path, bytes on disk, dense bytes of the model)."""
+    """After the native save of a job: export it if ``save_format=compressed-tensors``, and return
+    ``result["saved"]`` (format, path, bytes on disk, dense bytes of the model). The native block files go once the
+    job is complete (:func:`finish_save`): until then they are the crash checkpoint's blocks."""
     from oac.jobdir.saved import load_masks, quantized_dir, read_manifest
 
     fmt = cfg.get("save_format") or NATIVE
@@ -298,9 +299,18 @@ def save_record(job_dir: str | os.PathLike, cfg: DictConfig, model, tokenizer, r
         log.info("native save: %s (%.1f MB; the model's dense tensors: %.1f MB)", qdir, record["bytes"] / 1e6,
                  record["dense_bytes"] / 1e6)
         return record
-    record = export_saved(job_dir, model, tokenizer, read_manifest(job_dir), load_masks(job_dir))
-    drop_native_blocks(job_dir, record)
-    return record
+    return export_saved(job_dir, model, tokenizer, read_manifest(job_dir), load_masks(job_dir))
+
+
+def finish_save(job_dir: str | os.PathLike, cfg: DictConfig) -> None:
+    """A complete job with ``save_format=compressed-tensors``: drop the native block files (the export has them)."""
+    from oac.jobdir.saved import read_manifest
+
+    out = Path(job_dir) / EXPORT_DIR
+    if (cfg.get("save_format") or NATIVE) != COMPRESSED_TENSORS or not (out / WEIGHTS_FILE).exists():
+        return
+    if read_manifest(job_dir).get("saved_format") != COMPRESSED_TENSORS:
+        drop_native_blocks(job_dir, {"path": str(out)})
 
 
 def restore_compressed(model: torch.nn.Module, job_dir: str | os.PathLike, manifest: dict) -> int:

@@ -120,7 +120,8 @@ def test_cli_converts_a_native_save(exported, compose, tmp_path):
     native = tmp_path / "native"
     res = run_job(compose(*JOB, f"method.act_order={str(act_order).lower()}"), native)
     assert res["saved"]["format"] == "native" and res["saved"]["bytes"] > res["saved"]["dense_bytes"] / 2
-    assert main([str(native), "--format", "compressed-tensors", "--cache-dir", compose().paths.cache_dir]) == 0
+    cache = compose().paths.cache_dir
+    assert main([str(native), "--format", "compressed-tensors", "--verify", "--cache-dir", cache]) == 0
     got, want = load_file(str(native / "compressed" / "model.safetensors")), load_file(str(out / "compressed" /
                                                                                             "model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -183,3 +184,57 @@ def test_spqr_export_fails_fast_from_the_command_line(shared_dir, tmp_path):
     lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
     assert p.returncode == 2 and wall < 10, (p.returncode, wall)
     assert len(lines) == 1 and "method spqr has no compressed-tensors format" in lines[0], lines
+
+
+def test_job_failing_after_the_export_resumes_and_exports_again(compose, tmp_path):
+    """The native blocks are the crash checkpoint's until the job completes: they go only then."""
+    cfg = compose(*JOB, CT)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash during evaluation")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(oac.job, "_evaluate", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_job(cfg, tmp_path)
+    assert (tmp_path / "compressed" / "model.safetensors").exists()
+    assert len(list((tmp_path / "quantized").glob("block_*.safetensors"))) == 5  # kept for the resume
+    res = run_job(cfg, tmp_path)
+    assert res["status"] == "complete" and res["resumed_from_block"] == 5
+    assert not list((tmp_path / "quantized").glob("block_*.safetensors"))
+    assert res["saved"]["format"] == "compressed-tensors"
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=rtn", "method.wbits=2", "method.groupsize=32"],
+    ["method=rtn", "method.wbits=8", "method.groupsize=-1", "method.sym=true"],
+    ["method=rtn", "method.wbits=3", "method.groupsize=48"],  # short last groups on 64 and 172 columns
+    ["method=oac_gptq", "method.wbits=3", "method.groupsize=-1", "method.sym=true", "method.act_order=true"],
+], ids=["rtn-w2-g32", "rtn-w8-pc-sym", "rtn-w3-g48", "oac_gptq-w3-pc-sym-act"])
+def test_other_grids_reload_exactly(shared_dir, tmp_path, overrides):
+    from oac.data.tokens import eval_stream
+    from oac.eval.perplexity import perplexity
+    from tests.helpers import ROOT
+
+    cfg = _compose_cfg(shared_dir, *JOB, CT, *overrides)
+    result, state = _run_capturing(cfg, tmp_path)
+    model = _reload(tmp_path / "compressed")
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(tmp_path / "compressed")
+    ids = eval_stream(tok, "wikitext2", 256, data_dir=shared_dir / "data", cache_dir=str(ROOT / ".cache"))
+    assert perplexity(model, ids, 256, max_windows=2)["ppl"] == result["ppl"]["wikitext2"]
+
+
+def test_committed_config_hashes_unchanged():
+    """The config now has save_format; the committed table1_cpu jobs still hash as they did when they ran."""
+    import pandas as pd
+    from hydra import compose, initialize_config_dir
+
+    from tests.helpers import ROOT
+
+    runs = pd.read_csv(ROOT / "results" / "table1_cpu_runs.csv")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        for _, row in runs.iterrows():  # paths as they resolved then (output and cache dirs are volatile)
+            cfg = compose(config_name="config", overrides=[*row["overrides"].split(), "paths.shared_dir=../shared"])
+            assert cfg.save_format == "native" and config_hash(cfg) == row["config_hash"], row["overrides"]
