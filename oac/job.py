@@ -25,6 +25,7 @@ from oac.environment import environment
 from oac.errors import ConfigError
 from oac.eval.perplexity import eval_windows, perplexity
 from oac.jobdir import JobDir
+from oac.jobdir.export import check_save_format
 from oac.jobdir.record import versions
 from oac.models import Adapter, family_of, load_model, model_fingerprint
 from oac.pipeline import aggregate_bits, quantize_model
@@ -53,6 +54,7 @@ def validate(cfg: DictConfig) -> methods.Method:
     """Every check that needs no model, in milliseconds: the typed method (solver settings, Hessian-source
     options and their combination), calibration and evaluation data. Returns the resolved method."""
     m = methods.resolve(cfg.method)
+    check_save_format(cfg, m)  # save_format=compressed-tensors: uniform-grid solvers only
     if m.calibrated:
         if cfg.calib.dataset not in CALIB_DATASETS:
             raise ConfigError(f"unknown calibration dataset {cfg.calib.dataset!r}; known: {sorted(CALIB_DATASETS)}")
@@ -262,7 +264,7 @@ def _quantize(cfg: DictConfig, m: methods.Method, adapter, tok, device, result, 
         result["damping"] = {"max_percdamp_used": max(damp),
                              "layers_with_retries": sum(1 for r in layers if r.get("damp_retries", 0) > 0)}
     if cfg.get("save"):
-        job.save_manifest(result, adapter.model)
+        job.save_manifest(result, adapter.model, tok)
 
 
 def _eval_ids(cfg, tok, src: str) -> tuple[torch.Tensor, dict]:

@@ -4,6 +4,8 @@
     .lock            who runs the job now: host, pid, start (lock.py)
     checkpoint.pt    crash checkpoint of the block loop, plus quantized/block_*.safetensors (resume.py)
     quantized/       with save=true: the kept quantized model and its manifest.json (saved.py)
+    compressed/      with save_format=compressed-tensors: the model as a compressed-tensors HF folder (export.py);
+                     quantized/ then keeps only its manifest
 
 A job's identity is its ``config_hash`` (identity.py). The job runner talks to this package through
 :class:`JobDir` only.
@@ -54,16 +56,24 @@ class JobDir:
         return make_checkpoint(self.cfg, adapter, self.path, calib_checksum=calib_checksum, source=source,
                                calibrated=calibrated)
 
-    def save_manifest(self, result: dict, model) -> None:
+    def save_manifest(self, result: dict, model, tokenizer=None) -> None:
+        """save=true: the native save's manifest, then (save_format=compressed-tensors) the export; the saved
+        format, location and size go to ``result["saved"]``."""
+        from oac.jobdir.export import save_record
         from oac.jobdir.saved import write_manifest
 
         write_manifest(self.path, self.cfg, result, model)
+        result["saved"] = save_record(self.path, self.cfg, model, tokenizer, result)
 
     def end(self, *, keep_blocks: bool, clear: bool = True) -> None:
         """Drop the crash checkpoint (unless the job failed: ``clear=False``) and release the lock."""
         try:
             if clear:
                 clear_checkpoint(self.path, keep_blocks=keep_blocks)
+                if keep_blocks and self.cfg.get("save_format", "native") != "native":
+                    from oac.jobdir.export import finish_save
+
+                    finish_save(self.path, self.cfg)
         finally:
             self._lock.release()
 

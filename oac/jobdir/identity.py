@@ -8,11 +8,12 @@ import json
 from omegaconf import DictConfig, OmegaConf
 
 # keys (dotted) that never change a job's numbers: output/cache locations, checkpointing, logging, threads (the
-# thread count can move last bits: it is recorded in result.json "environment", oac/environment.py).
+# thread count can move last bits: it is recorded in result.json "environment", oac/environment.py), the layout a
+# saved model is written in (save_format).
 # eval.kl adds metrics without changing any other: a complete result that lacks a requested KL is rerun
 # (oac.jobdir.record.missing_metrics), so it needs no place in the hash.
 VOLATILE_KEYS = ("hydra", "paths.output_dir", "paths.cache_dir", "paths.verify_data", "checkpoint", "skip_complete",
-                 "threads", "logger", "oac_cache_dir", "method.oac.cache_dir", "eval.kl")
+                 "threads", "logger", "oac_cache_dir", "method.oac.cache_dir", "save_format", "eval.kl")
 # keys added after results were committed: they enter the hash only when set, so older jobs keep their hash
 DEFAULT_KEYS = {"jitter_seed": None, "eval.ppl.max_tokens": None}
 

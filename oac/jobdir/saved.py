@@ -10,6 +10,8 @@ Layout of ``<job_dir>/quantized/``::
                                 per-layer statistics
 
 Everything that is not a quantized linear (embeddings, norms, lm_head) comes from the base model.
+With ``save_format=compressed-tensors`` the weights live in ``<job>/compressed/`` instead (``export.py``); the
+manifest stays (``saved_format``, ``export_dir``, no block files) and reloading reads the export.
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ def restore_weights(model: torch.nn.Module, job_dir: str | os.PathLike, manifest
     from safetensors.torch import load_file
 
     manifest = manifest or read_manifest(job_dir)
+    if manifest.get("saved_format") == "compressed-tensors":  # the weights are in <job>/compressed/ (export.py)
+        from oac.jobdir.export import restore_compressed
+
+        return restore_compressed(model, job_dir, manifest)
     qdir = quantized_dir(job_dir)
     n = 0
     for fname in manifest["files"]:

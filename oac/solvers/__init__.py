@@ -25,6 +25,8 @@ class SolverSpec:
     ``validate_options(cfg)``: option checks that need no layer shape (run before the model is loaded).
     ``check_shape(cfg, d_out, d_in)``: what this solver cannot do on a layer shape (run once the model is loaded).
     ``order``: where its rows go in tables (the paper's order: RTN, GPTQ, SpQR, BiLLM).
+    ``save_formats``: how ``save=true`` can keep its models (``save_format``): ``native`` always; ``compressed-tensors``
+    for solvers whose weights lie on a uniform grid returned as ``masks`` scale/zero(/perm) (oac/jobdir/export.py).
     """
 
     name: str
@@ -34,6 +36,7 @@ class SolverSpec:
     validate_options: Callable | None = None
     check_shape: Callable | None = None
     order: int = 100
+    save_formats: tuple[str, ...] = ("native",)
 
     def make_config(self, params: dict | None):
         cfg = build_options(self.config, params, f"method ({self.name} solver)")

@@ -202,4 +202,5 @@ def solve(W: Tensor, H: Tensor, cfg: GPTQConfig, name: str = "layer") -> SolveRe
 
 
 SOLVER = SolverSpec("gptq", GPTQConfig, solve, validate_options=validate_options,
-                    check_shape=check_shape, order=20)
+                    check_shape=check_shape, order=20,
+                    save_formats=("native", "compressed-tensors"))

@@ -83,4 +83,5 @@ def solve(W: Tensor, H: Tensor | None, cfg: RTNConfig, name: str = "layer") -> S
 
 
 SOLVER = SolverSpec("rtn", RTNConfig, solve, uses_hessian=False, validate_options=validate_options,
-                    check_shape=check_shape, order=10)
+                    check_shape=check_shape, order=10,
+                    save_formats=("native", "compressed-tensors"))
