@@ -292,7 +292,9 @@ def _kl_references(cfg, model, tok, device, result) -> dict:
         for key in kl_sets(cfg):
             ids, _ = _eval_ids(cfg, tok, sets[key])
             windows, _ = eval_windows(ids, pcfg.seqlen, max_windows=pcfg.max_windows, max_tokens=pcfg.get("max_tokens"))
-            ref_key = {"model": str(model.name_or_path), "fingerprint": model_fingerprint(model),
+            path = str(model.name_or_path)
+            ref_key = {"model": os.path.abspath(path) if os.path.exists(path) else path,
+                       "fingerprint": model_fingerprint(model),
                        "dtype": str(model.dtype), "device": str(device).split(":")[0], "seqlen": pcfg.seqlen,
                        "windows": ids_checksum(windows), "n_windows": windows.shape[0], "mode": kcfg.reference,
                        "topk": int(kcfg.topk) if kcfg.reference == "topk" else None, "v": 1}

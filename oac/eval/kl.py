@@ -12,7 +12,7 @@ Two reference stores (``eval.kl.reference``):
 
 * ``full`` (default, exact): the fp32 log-probabilities of every token, an ``.npy`` appended and read back
   one batch at a time (plain file I/O, no memory map). Disk: windows × (seqlen−1) × vocab × 4 bytes (SmolLM2, 20 windows of 512:
-  2.06 GB per set); memory: one batch.
+  2.06 GB per set); memory: 64 tokens × vocab at a time.
 * ``topk``: the k largest log-probabilities, their token ids and the log of the remaining mass. KL is then
   computed on the coarsened distribution (the k tokens + one "rest" bin), which by the data-processing
   inequality is a lower bound of the exact KL; top-1 agreement is exact. Disk: × k/vocab of the full store.
@@ -41,6 +41,17 @@ from oac.io import atomic_write, quarantine
 log = logging.getLogger(__name__)
 
 MODES = ("full", "topk")
+
+
+CHUNK = 64  # predicted tokens per step: the fp32 temporaries are CHUNK x vocab, not seqlen x vocab
+
+
+def _chunks(logits: torch.Tensor):
+    """(window in batch, first token, fp32 log-probs [≤ CHUNK, V]) over the predicted positions of a batch."""
+    T = logits.shape[1] - 1
+    for w in range(logits.shape[0]):
+        for t0 in range(0, T, CHUNK):
+            yield w, t0, F.log_softmax(logits[w, t0:min(t0 + CHUNK, T)].float(), dim=-1).cpu()
 
 
 def reference_bytes(n_windows: int, seqlen: int, vocab: int, mode: str, topk: int) -> int:
@@ -72,18 +83,19 @@ class ReferenceWriter:
                           "log_rest": torch.empty(shape)}
 
     def __call__(self, b0: int, x: torch.Tensor, logits: torch.Tensor) -> None:
-        lp = F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
-        b1 = b0 + lp.shape[0]
         if self.mode == "full":
             assert b0 == self.next, "reference batches must arrive in order"
-            self.store.write(np.ascontiguousarray(lp.numpy(), dtype=np.float32).tobytes())
-            self.next = b1
-            return
-        vals, idx = lp.topk(self.topk, dim=-1)
-        kept = vals.double().exp().sum(-1)
-        self.store["values"][b0:b1] = vals
-        self.store["indices"][b0:b1] = idx.to(torch.int32)
-        self.store["log_rest"][b0:b1] = torch.log1p(-kept.clamp(max=1.0)).float()  # -inf when nothing is left
+            self.next = b0 + logits.shape[0]
+        for w, t0, lp in _chunks(logits):  # window-major, token chunks in order: plain appends
+            if self.mode == "full":
+                self.store.write(np.ascontiguousarray(lp.numpy(), dtype=np.float32).tobytes())
+                continue
+            vals, idx = lp.topk(self.topk, dim=-1)
+            kept = vals.double().exp().sum(-1)
+            t1 = t0 + lp.shape[0]
+            self.store["values"][b0 + w, t0:t1] = vals
+            self.store["indices"][b0 + w, t0:t1] = idx.to(torch.int32)
+            self.store["log_rest"][b0 + w, t0:t1] = torch.log1p(-kept.clamp(max=1.0)).float()  # -inf: nothing left
 
     def close(self) -> None:
         if self.mode == "full":
@@ -131,12 +143,13 @@ class FullReference:
         self.row = int(np.prod(self.shape[1:]))
         self.complete = self.path.stat().st_size == self.offset + 4 * self.row * self.shape[0]
 
-    def __getitem__(self, sl: slice) -> np.ndarray:
-        b0, b1 = sl.start, min(sl.stop, self.shape[0])
+    def read(self, w: int, t0: int, t1: int) -> np.ndarray:
+        """Tokens t0..t1 of window w: [t1 - t0, vocab]."""
+        vocab = self.shape[2]
         with open(self.path, "rb") as f:
-            f.seek(self.offset + 4 * self.row * b0)
-            out = np.fromfile(f, dtype=np.float32, count=self.row * (b1 - b0))
-        return out.reshape(b1 - b0, *self.shape[1:])
+            f.seek(self.offset + 4 * (w * self.row + t0 * vocab))
+            out = np.fromfile(f, dtype=np.float32, count=(t1 - t0) * vocab)
+        return out.reshape(t1 - t0, vocab)
 
 
 def ensure_reference(model, windows: torch.Tensor, *, cache_dir, key: dict, batch_size: int, device,
@@ -181,19 +194,19 @@ class KLAccumulator:
         self.kl_sum, self.agree, self.n = 0.0, 0, 0
 
     def __call__(self, b0: int, x: torch.Tensor, logits: torch.Tensor) -> None:
-        lq = F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
-        b1 = b0 + lq.shape[0]
-        if self.mode == "full":
-            lp = torch.from_numpy(self.ref[b0:b1])
-            kl = kl_full(lp, lq)
-            top_p = lp.argmax(-1)
-        else:
-            vals, idx = self.ref["values"][b0:b1], self.ref["indices"][b0:b1].long()
-            kl = kl_topk(vals, idx, self.ref["log_rest"][b0:b1], lq)
-            top_p = idx[..., 0]
-        self.kl_sum += float(kl.double().sum())
-        self.agree += int((top_p == lq.argmax(-1)).sum())
-        self.n += kl.numel()
+        for w, t0, lq in _chunks(logits):
+            t1 = t0 + lq.shape[0]
+            if self.mode == "full":
+                lp = torch.from_numpy(self.ref.read(b0 + w, t0, t1))
+                kl = kl_full(lp, lq)
+                top_p = lp.argmax(-1)
+            else:
+                vals, idx = self.ref["values"][b0 + w, t0:t1], self.ref["indices"][b0 + w, t0:t1].long()
+                kl = kl_topk(vals, idx, self.ref["log_rest"][b0 + w, t0:t1], lq)
+                top_p = idx[..., 0]
+            self.kl_sum += float(kl.double().sum())
+            self.agree += int((top_p == lq.argmax(-1)).sum())
+            self.n += kl.numel()
 
     def result(self) -> dict:
         return {"kl": self.kl_sum / self.n, "top1_agreement": self.agree / self.n, "n_predicted": self.n}
