@@ -25,6 +25,9 @@ class SolverSpec:
     ``validate_options(cfg)``: option checks that need no layer shape (run before the model is loaded).
     ``check_shape(cfg, d_out, d_in)``: what this solver cannot do on a layer shape (run once the model is loaded).
     ``order``: where its rows go in tables (the paper's order: RTN, GPTQ, SpQR, BiLLM).
+    ``stacked_hessian``: accepts a stack H [G, d_in, d_in], one Hessian per contiguous group of d_out/G rows
+    (``oac.solvers.common.solve_row_groups``); sources that feed stacks (``guided`` with groups > 1) are refused
+    for the other solvers before the model loads.
     """
 
     name: str
@@ -34,6 +37,7 @@ class SolverSpec:
     validate_options: Callable | None = None
     check_shape: Callable | None = None
     order: int = 100
+    stacked_hessian: bool = False
 
     def make_config(self, params: dict | None):
         cfg = build_options(self.config, params, f"method ({self.name} solver)")
