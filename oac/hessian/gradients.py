@@ -92,7 +92,8 @@ class GradientHessian:
         for f in dataclasses.fields(opts):  # read-only views used throughout (self.refresh, ...)
             setattr(self, f.name, getattr(opts, f.name))
         self._scale = DYNAMIC_INIT_SCALE if self.loss_scale == "dynamic" else float(self.loss_scale)
-        self._pending: dict[int, dict[str, Tensor]] = {}  # Hessians computed ahead for later blocks (every/once)
+        # Hessians computed ahead for later blocks (every/once): tensors, or the cache key they are stored under
+        self._pending: dict[int, dict[str, Tensor] | str] = {}
         self._last_k: int | None = None
         self.forms: dict[str, str] = {}  # layer shape -> chosen product form (OAC's sequence product)
         self.memory: dict = {"per_linear": {}, "pass_peak_bytes": 0, "block_max_bytes": 0}
@@ -125,6 +126,12 @@ class GradientHessian:
             if k not in self._pending:
                 self._compute(ctx)
             H = self._pending.pop(k)
+            if isinstance(H, str):  # computed ahead and left in the cache (see _keep)
+                H = HessianCache(self.cache_dir, self.cache_kind).load(H, [k])
+                if H is None:
+                    raise HessianError(f"block {k}: the {self.title} Hessians computed ahead are no longer in the "
+                                       f"cache {self.cache_dir}; rerun the job")
+                H = H[k]
             missing = set(group) - set(H)
             if missing:
                 raise HessianError(f"block {k}: no {self.title} Hessian for {sorted(missing)}")
@@ -190,14 +197,55 @@ class GradientHessian:
         result = cache.load(key, targets) if cache else None
         if cache:
             self.stats["cache_hits" if result is not None else "cache_misses"] += 1
-        if result is None:
-            result = self._pass(ctx, targets, gdtype)
+        if result is not None:
+            self._note_memory(result)
+            for j in targets:
+                self._keep(k, j, result[j], key)
+            return
+        chunks = self._chunks(ctx, targets)
+        self.stats["passes"] += len(chunks) - 1
+        for chunk in chunks:
+            part = self._pass(ctx, chunk, gdtype)
+            self._note_memory(part)
             if key:
-                cache.save(key, result)
-        self._note_memory(result)
-        store = torch.device("cpu")
+                cache.save(key, part)
+            for j in chunk:
+                self._keep(k, j, part[j], key)
+            del part
+
+    def _keep(self, k: int, j: int, H: dict[str, Tensor], key: str | None) -> None:
+        """Block k's Hessians stay where they are; a later block's go to host RAM, or, with a cache, stay on disk
+        only (``_pending[j]`` = the cache key; read back, bit for bit, when the pipeline reaches block j)."""
+        if j == k:
+            self._pending[j] = H
+        elif key is not None:
+            self._pending[j] = key
+        else:
+            self._pending[j] = {n: h.to("cpu") for n, h in H.items()}
+
+    def _chunks(self, ctx: BlockContext, targets: list[int]) -> list[list[int]]:
+        """The target blocks of one refresh, split so that no pass accumulates more than ``max_pass_gb`` GiB of
+        Hessians on the device (an option of sources that define it; None: one pass). Every pass starts from
+        the same inputs of block k with the same model, so the split is exact: more passes, the same numbers."""
+        limit = getattr(self, "max_pass_gb", None)
+        if limit is None or len(targets) < 2:
+            return [targets]
+        budget = limit * 2**30
+        blocks = ctx.adapter.blocks
+        chunks, cur, used = [], [], 0
         for j in targets:
-            self._pending[j] = result[j] if j == k else {n: h.to(store) for n, h in result[j].items()}
+            b = sum(h.numel() * h.element_size()
+                    for h in (self._zeros(m, "meta") for m in ctx.adapter.linears(blocks[j]).values()))
+            if cur and used + b > budget:
+                chunks.append(cur)
+                cur, used = [], 0
+            cur.append(j)
+            used += b
+        chunks.append(cur)
+        if len(chunks) > 1:
+            log.info("%s: the Hessians of blocks %d..%d are accumulated in %d passes (max_pass_gb=%g)",
+                     self.label, targets[0], targets[-1], len(chunks), limit)
+        return chunks
 
     def _note_memory(self, result: dict[int, dict[str, Tensor]]) -> None:
         """Bytes of the fp32 Hessians: per linear, per block, and all targets of one pass (held at once)."""

@@ -24,8 +24,10 @@ reduction and scale, gradient dtype and mini-batching are OAC's options with OAC
 
 Memory: G fp32 matrices of d_in² per linear, i.e. G times OAC's or the layer-wise H (LLaMA-7B: 64 MB·G per
 4096-wide projection, 485 MB·G for down_proj); with ``refresh=once`` the Hessians of all blocks are accumulated in
-the one pass (≈ 28 GB·G for a 7B model; 0.5 GB·G for SmolLM2-135M). ``record()["memory"]`` gives the bytes per
-linear, the largest block and the largest pass.
+the one pass (≈ 28 GB·G for a 7B model; 0.5 GB·G for SmolLM2-135M) and then wait in host RAM for their block —
+or, with ``cache_dir``, on disk only. ``max_pass_gb`` bounds the device side: the pass is split into several
+passes from the same inputs, each accumulating some of the blocks (exact, bit for bit; more passes).
+``record()["memory"]`` gives the bytes per linear, the largest block and the largest pass.
 
 Cache (``cache_dir``): entries live under ``<cache_dir>/guided_hessian/`` (OAC's under ``oac_hessian/``) and the
 key carries ``source: guided`` and G, so guided and OAC entries never collide.
@@ -41,7 +43,7 @@ from torch import Tensor, nn
 from oac.errors import ConfigError
 from oac.hessian import HessianSpec
 from oac.hessian.gradients import GradientHessian, check_pass_options
-from oac.registry import check_int
+from oac.registry import check_float, check_int
 
 
 @dataclass
@@ -58,11 +60,15 @@ class GuidedOptions:
     loss_scale: float | str = 1.0  # S > 0, or "dynamic"
     grad_batch_size: int = 1  # windows per forward+backward (exact for any value)
     cache_dir: str | None = None  # reuse the Hessians across runs (exact; oac/hessian/cache.py)
+    max_pass_gb: float | None = None  # split a once/every pass so it accumulates at most this many GiB (exact)
 
     def __post_init__(self):
         w = "method.guided"
         check_int(w, "groups", self.groups, 1)
         check_pass_options(w, self)
+        if self.max_pass_gb is not None:
+            check_float(w, "max_pass_gb", self.max_pass_gb, 0, lo_open=True)
+            self.max_pass_gb = float(self.max_pass_gb)
 
 
 class GuidedHessian(GradientHessian):
@@ -97,6 +103,7 @@ class GuidedHessian(GradientHessian):
             "loss_scale_final": self._scale,
             "grad_batch_size": self.grad_batch_size,
             "cache_dir": self.cache_dir,
+            "max_pass_gb": self.max_pass_gb,
             "normalisation": norm,
             "memory": self.memory,
             "stats": self.record_stats(),

@@ -36,13 +36,13 @@ Refresh modes (which model state Ĥ of block k is computed from):
   (quantized blocks < k) through full-precision blocks k..K−1 yields Ĥ for all linears of blocks
   k..k+r−1 at once. Ĥ of block k+j (0 < j < r) is therefore computed with blocks k..k+j−1 still in
   full precision: its X are the FP activations, not those after the quantized blocks k..k+j−1, and
-  its Δ flows through FP blocks only. Ĥ of the later blocks of the window is kept on CPU until the
-  pipeline reaches them. About r times fewer block passes than per_block. A run that starts (or
+  its Δ flows through FP blocks only. Ĥ of the later blocks of the window is kept on CPU (with
+  ``cache_dir``: only in the cache, read back bit for bit) until the pipeline reaches them. About r times fewer block passes than per_block. A run that starts (or
   resumes) at a block that is not a multiple of r covers blocks k..(next multiple of r)−1 first.
   During the pass the fp32 Ĥ of all its target blocks are accumulated on ``ctx.device``.
 * ``once`` (C7 "OAC-once"): one pass from the inputs of block 0 through the whole full-precision
   model at block 0 gives Ĥ of every block (accumulated on ``ctx.device`` during the pass — about 28 GB
-  fp32 for a 7B model, 0.5 GB for SmolLM2-135M — then stored on CPU). Ĥ no longer depends on the quantization
+  fp32 for a 7B model, 0.5 GB for SmolLM2-135M — then stored on CPU, or with ``cache_dir`` only on disk). Ĥ no longer depends on the quantization
   of earlier blocks. Equals ``every`` with r = K. (If a run resumes at block k > 0 the FP model is
   gone; the pass then starts at block k from the current inputs and a warning is logged.)
 

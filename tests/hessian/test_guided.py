@@ -179,3 +179,32 @@ def test_configs_pair_guided_with_its_layerwise_backbone(compose):
     m = method.resolve(g["method"])
     assert m.row_groups == 4 and m.source.name == "guided"
     assert compose("solver=spqr", "hessian=guided").method == compose("method=guided_spqr").method
+
+
+def test_split_pass_and_disk_pending_are_exact(tmp_path):
+    """max_pass_gb splits the once pass (here one block per pass) and a cache keeps the later blocks on disk
+    only: both give the same Hessians and weights, bit for bit, as one pass held in memory."""
+    H, W, _ = _quantize(one := GuidedHessian(groups=2), wbits=3)
+    block = 2 * 4 * (6 * 32 * 32 + 64 * 64)
+    Hs, Ws, _ = _quantize(split := GuidedHessian(groups=2, max_pass_gb=1.5 * block / 2**30), wbits=3)
+    assert one.stats["passes"] == 1 and split.stats["passes"] == 3
+    assert split.record()["memory"]["pass_peak_bytes"] == block and split.record()["max_pass_gb"] > 0
+    ctx_src = GuidedHessian(groups=2, cache_dir=str(tmp_path))
+    Hc, Wc, _ = _quantize(ctx_src, wbits=3)
+    for other, weights in ((Hs, Ws), (Hc, Wc)):
+        assert all(torch.equal(other[k][n], H[k][n]) for k in H for n in H[k])
+        assert all(torch.equal(weights[n], W[n]) for n in W)
+    with pytest.raises(ConfigError, match=r"method\.guided\.max_pass_gb must be a number in \(0"):
+        GuidedHessian(max_pass_gb=0)
+
+
+def test_oac_once_with_a_cache_reads_later_blocks_back_from_disk(tmp_path):
+    H, W, _ = _quantize(OutputAdaptiveHessian(refresh="once"), wbits=3)
+    src = OutputAdaptiveHessian(refresh="once", cache_dir=str(tmp_path))
+    ad, ids = model(), ids_for(4, 9, vocab=96)
+    ctx = block_context(ad, ids, 0)
+    src.hessians(ctx, ad.linears(ad.blocks[0]))
+    assert sorted(src._pending) == [1, 2] and all(isinstance(v, str) for v in src._pending.values())
+    Hc, Wc, _ = _quantize(OutputAdaptiveHessian(refresh="once", cache_dir=str(tmp_path)), wbits=3)
+    assert all(torch.equal(Hc[k][n], H[k][n]) for k in H for n in H[k])
+    assert all(torch.equal(Wc[n], W[n]) for n in W)
