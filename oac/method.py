@@ -69,7 +69,11 @@ class Method:
         if self.solver.check_shape is not None:
             self.solver.check_shape(self.solver_config, d_out, d_in)
             if G > 1:
-                self.solver.check_shape(self.solver_config, d_out // G, d_in)
+                try:
+                    self.solver.check_shape(self.solver_config, d_out // G, d_in)
+                except ConfigError as e:
+                    raise ConfigError(f"with method.{self.source.options_key}.groups={G} each row group is "
+                                      f"{d_out // G}x{d_in}: {e}") from None
 
 
 def _plain(method) -> dict:

@@ -208,3 +208,27 @@ def test_oac_once_with_a_cache_reads_later_blocks_back_from_disk(tmp_path):
     Hc, Wc, _ = _quantize(OutputAdaptiveHessian(refresh="once", cache_dir=str(tmp_path)), wbits=3)
     assert all(torch.equal(Hc[k][n], H[k][n]) for k in H for n in H[k])
     assert all(torch.equal(Wc[n], W[n]) for n in W)
+
+
+def test_stories260k_jobs_pair_guided_with_gptq_in_the_report(compose, tmp_path):
+    """End to end: hessian=guided with G = 2 through run_job (result.json records G and the bytes), paired with
+    the layer-wise GPTQ job by the report, its label naming the groups."""
+    import pandas as pd
+
+    from experiments.report import report
+    from oac.job import run_job
+
+    tiny = ["model=stories260k", "calib.nsamples=4", "calib.seqlen=32", "eval.ppl.datasets=[wikitext2]",
+            "eval.ppl.seqlen=128", "eval.ppl.max_windows=2", "checkpoint=false", "tag=guided_table", "method.wbits=3"]
+    out = tmp_path / "outputs"
+    for name, ov in {"gptq": ["method=gptq"], "g1": ["method=guided_gptq"],
+                     "g2": ["method=guided_gptq", "method.guided.groups=2"]}.items():
+        r = run_job(compose(*tiny, *ov), out / name, overrides=[*tiny, *ov])
+        assert r["status"] == "complete", r.get("error")
+    assert r["hessian"]["groups"] == 2 and r["hessian"]["memory"]["per_linear"]["mlp.down_proj"]["shape"] == [2, 172, 172]
+    assert all(layer["row_groups"] == 2 for layer in r["layers"])
+    report(out, tmp_path / "results")
+    pairs = pd.read_csv(tmp_path / "results" / "guided_table_paired.csv")
+    rows = pairs[pairs["metric"] == "ppl:wikitext2"]
+    assert set(rows["backbone"]) == {"gptq"} and len(rows) == 2
+    assert any("groups=2" in lab for lab in rows["label"]) and any("groups=1" in lab for lab in rows["label"])
