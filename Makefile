@@ -10,7 +10,7 @@ export WANDB_MODE ?= offline
 SCALE ?= gpu
 LAUNCHER ?= basic
 
-.PHONY: setup test test-slow demo bench gpu-check clean-cache table1 table2 table3 ablation main smoke report paper-refs
+.PHONY: setup test test-slow demo bench gpu-check clean-cache table1 table2 table3 ablation main hessians frontier smoke report paper-refs
 
 # Paper tables as Hydra sweeps (configs/experiment/*.yaml). SCALE=cpu picks the SmolLM2 variant (<table>_cpu),
 # LAUNCHER=slurm submits one SLURM array task per job (configs/hydra/launcher/slurm.yaml); extra overrides in
@@ -56,6 +56,14 @@ table1 table2 table3 ablation: setup   ## a paper table (SCALE=cpu|gpu, LAUNCHER
 main: setup          ## the seed-repeated main comparison (+ its numeric-noise replicates at SCALE=cpu), then the report
 	$(if $(filter cpu,$(SCALE)),$(call SWEEP,main_cpu_jitter))
 	$(call SWEEP,main$(EXP_SUFFIX))
+	$(PY) -m experiments.report
+
+hessians: setup      ## Hessian sources (layer-wise, OAC per_block/once, guided G = 1, 2, 4) x SpQR/GPTQ x 3 seeds, then the report
+	$(call SWEEP,hessians$(EXP_SUFFIX))
+	$(PY) -m experiments.report
+
+frontier: setup      ## cost/quality frontier of the gradient refresh (SmolLM2 only: oac_frontier_cpu), then the report
+	$(call SWEEP,oac_frontier_cpu)
 	$(PY) -m experiments.report
 
 smoke: setup         ## the smoke sweep on stories260K (seconds per job), then the report

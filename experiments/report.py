@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from oac import hessian
 from oac.jobdir import RESULT_FILE
 from experiments.seeds import (band_markdown, missing_markdown, paired, paired_markdown, quality_markdown,
                                seed_summary, summary_markdown)
@@ -69,6 +70,14 @@ def _label(row) -> str:
     return f"{row['method']} w{int(row['wbits'])}"
 
 
+def _short(key: str) -> str:
+    """A setting's name in a label: without ``method.`` and a Hessian source's options key (``oac.``, ``guided.``)."""
+    key = key.removeprefix("method.")
+    for opt in hessian.option_keys():
+        key = key.removeprefix(f"{opt}.")
+    return key
+
+
 def _varying_settings(results: dict[str, dict], groups: pd.DataFrame) -> dict[str, str]:
     """Extra label text for configurations that share (table, model, label): the settings that differ."""
     def flat(d, prefix=""):
@@ -89,8 +98,7 @@ def _varying_settings(results: dict[str, dict], groups: pd.DataFrame) -> dict[st
         skip = ("paths.", "calib.seed", "checkpoint", "skip_complete", "threads", "logger.")
         diff = [k for k in keys if not k.startswith(skip) and len({f.get(k) for f in flats.values()}) > 1]
         for g, f in flats.items():
-            extra[g] = ", ".join(f"{k.removeprefix('method.').removeprefix('oac.')}={json.loads(f.get(k, 'null'))}"
-                                 for k in diff)
+            extra[g] = ", ".join(f"{_short(k)}={json.loads(f.get(k, 'null'))}" for k in diff)
     return extra
 
 

@@ -18,6 +18,11 @@ T1 = ["fp16", "rtn_w2", "gptq_w2", "spqr_w2", "oac_spqr_w2"]
 T2 = ["fp16", "billm", "oac_billm"]
 MAIN = ["spqr_w2_o1", "oac_spqr_w2_o1", "billm", "oac_billm"]
 MAIN_CPU = MAIN + ["oac_spqr_w2_o1_once", "oac_billm_once"]
+# issue #18: two backbones x six Hessian sources (layer-wise, OAC per_block, OAC once, guided G = 1, 2, 4)
+HESS = [f"{p}{b}{s}" for b in ("spqr_w2_o1", "gptq_w3_g128")
+        for p, s in [("", ""), ("oac_", ""), ("oac_", "_once"), ("guided_", "_g1"), ("guided_", "_g2"), ("guided_", "_g4")]]
+FRONTIER = ["oac_spqr_w2_o1", "oac_spqr_w2_o1_every2", "oac_spqr_w2_o1_every4", "oac_spqr_w2_o1_every8",
+            "oac_spqr_w2_o1_once", "guided_spqr_w2_o1_g4_per_block", "guided_spqr_w2_o1_g4"]
 # experiment -> (settings, models, extra swept values per job)
 EXPECTED = {
     "table1": (T1, LLAMA + OPT, 1), "table2": (T2, LLAMA, 1), "table3": (T1 + T2[1:], LLAMA, 1),
@@ -30,11 +35,23 @@ EXPECTED = {
     "main_cpu": (MAIN_CPU, ["smollm2-135m"], 3),
     # its numeric-noise replicates: the main pair at seed 0 x jitter_seed 1, 2 (pooled under the main_cpu tag)
     "main_cpu_jitter": (["spqr_w2_o1", "oac_spqr_w2_o1"], ["smollm2-135m"], 2),
+    # Hessian sources x 3 calibration seeds, on CPU and its paper-scale twin; the refresh frontier x 3 seeds
+    "hessians_cpu": (HESS, ["smollm2-135m"], 3), "hessians": (HESS, ["llama2-7b"], 3),
+    "oac_frontier_cpu": (FRONTIER, ["smollm2-135m"], 3),
 }
 TAG = {"main_cpu_jitter": "main_cpu"}
 SETTING_METHOD = {"fp16": "fp16", "rtn_w2": "rtn", "gptq_w2": "gptq", "spqr_w2": "spqr", "oac_spqr_w2": "oac_spqr",
                   "billm": "billm", "oac_billm": "oac_billm", "spqr_w2_o1": "spqr", "oac_spqr_w2_o1": "oac_spqr",
-                  "oac_spqr_w2_o1_once": "oac_spqr", "oac_billm_once": "oac_billm"}
+                  "oac_spqr_w2_o1_once": "oac_spqr", "oac_billm_once": "oac_billm",
+                  **{h: h.split("_w")[0] for h in HESS + FRONTIER if "_w" in h}}
+# settings whose Hessian source has options: (options key, {option: value})
+SETTING_SOURCE = {**{f"guided_{b}_g{G}": ("guided", {"groups": G, "refresh": "once"})
+                     for b in ("spqr_w2_o1", "gptq_w3_g128") for G in (1, 2, 4)},
+                  **{f"oac_spqr_w2_o1_every{r}": ("oac", {"refresh": "every", "refresh_every": r}) for r in (2, 4, 8)},
+                  "oac_spqr_w2_o1": ("oac", {"refresh": "per_block", "product": "sequence"}),
+                  "oac_gptq_w3_g128": ("oac", {"refresh": "per_block", "product": "sequence"}),
+                  "oac_spqr_w2_o1_once": ("oac", {"refresh": "once"}), "oac_gptq_w3_g128_once": ("oac", {"refresh": "once"}),
+                  "guided_spqr_w2_o1_g4_per_block": ("guided", {"groups": 4, "refresh": "per_block"})}
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +110,22 @@ def test_sweep_expands_to_expected_jobs(hydra_compose, experiment):
         assert cfg.tag == TAG.get(experiment, experiment) and cfg.model.name == kv["model"]
         if settings:
             assert cfg.method.name == SETTING_METHOD[kv["setting"]]
-            if "_w2" in kv["setting"]:
-                assert cfg.method.wbits == 2
+            for b in (2, 3):
+                if f"_w{b}" in kv["setting"]:
+                    assert cfg.method.wbits == b
+            if "_o1" in kv["setting"]:
+                assert cfg.method.target_outlier_fraction == 0.01
+            if "_g128" in kv["setting"]:
+                assert cfg.method.groupsize == 128
+            if kv["setting"] in SETTING_SOURCE:
+                key, opts = SETTING_SOURCE[kv["setting"]]
+                assert {k: cfg.method[key][k] for k in opts} == opts
             if "calib.seed" in kv:
                 assert cfg.calib.seed == int(kv["calib.seed"])
         else:
             assert cfg.method.name == "oac_spqr" and cfg.method.oac.refresh == kv["method.oac.refresh"]
-        assert cfg.device == ("cuda" if experiment in ("table1", "table2", "table3", "ablation", "main") else "cpu")
+        assert cfg.device == ("cuda" if experiment in ("table1", "table2", "table3", "ablation", "main", "hessians")
+                              else "cpu")
 
 
 @pytest.mark.parametrize("oac,backbone", [("oac_spqr_w2_o1", "spqr_w2_o1"), ("oac_spqr_w2_o1_once", "spqr_w2_o1"),

@@ -20,7 +20,8 @@ from tests.helpers import ROOT
 
 PRESETS = {"fp16": ("none", "none"), "rtn": ("rtn", "none"), "gptq": ("gptq", "layerwise"),
            "spqr": ("spqr", "layerwise"), "billm": ("billm", "layerwise"), "oac_gptq": ("gptq", "output_adaptive"),
-           "oac_spqr": ("spqr", "output_adaptive"), "oac_billm": ("billm", "output_adaptive")}
+           "oac_spqr": ("spqr", "output_adaptive"), "oac_billm": ("billm", "output_adaptive"),
+           "guided_gptq": ("gptq", "guided"), "guided_spqr": ("spqr", "guided"), "guided_billm": ("billm", "guided")}
 # stories260K: d_in 64/172, d_out 64/172 -> SpQR needs groups dividing both
 TINY = ["model=stories260k", "calib.nsamples=4", "calib.seqlen=32", "eval.ppl.datasets=[wikitext2]",
         "eval.ppl.seqlen=128", "eval.ppl.max_windows=2", "checkpoint=false"]
@@ -175,6 +176,6 @@ def test_a_source_registered_from_a_test_runs_a_job_and_pairs_in_the_report(comp
 
 def test_registries_find_their_modules():
     assert {"rtn", "gptq", "spqr", "billm", "identity"} <= set(solvers.SOLVERS.names())
-    assert {"none", "layerwise", "output_adaptive"} <= set(hessian.HESSIANS.names())
+    assert {"none", "layerwise", "output_adaptive", "guided"} <= set(hessian.HESSIANS.names())
     assert hessian.get(None).name == "none" and not hessian.get(None).calibrated
     assert [s.name for s in sorted(hessian.HESSIANS.specs(), key=lambda s: s.order)][:2] == ["none", "layerwise"]

@@ -9,6 +9,7 @@ layer-wise backbone (same config up to the Hessian source) without being told.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from oac.hessian.base import HessianSource
 from oac.registry import Registry, build_options
@@ -22,6 +23,8 @@ class HessianSpec:
     ``options``: its typed options dataclass (``__post_init__`` checks ranges), or None for a source without
     options. ``options_key``: where its options live in the method config (``method.oac`` for OAC).
     ``baseline``: the reference every other source is compared with in paired tables (the layer-wise H).
+    ``row_groups(options)``: how many row-group Hessians per linear the source feeds (a stack [G, d_in, d_in],
+    rows split into G contiguous groups of d_out/G; ``oac.solvers.common.solve_row_groups``); None: one [d_in, d_in].
     """
 
     name: str
@@ -30,6 +33,10 @@ class HessianSpec:
     options_key: str | None = None
     baseline: bool = False
     order: int = 100
+    row_groups: Callable[[Any], int] | None = None
+
+    def groups(self, options) -> int:
+        return 1 if self.row_groups is None else int(self.row_groups(options))
 
     @property
     def calibrated(self) -> bool:

@@ -79,6 +79,9 @@ def check_save_format(cfg: DictConfig, m) -> str:
     if not m.quantizes:
         raise ConfigError(f"save_format={fmt}: method {m.name} does not quantize, there is nothing to export")
     check_format_supported(fmt, m.name, solver_formats(m))
+    if m.row_groups > 1:  # one g_idx / one scale layout per layer cannot hold G separately solved row groups
+        raise ConfigError(f"save_format={fmt}: method {m.name} solves {m.row_groups} row groups with their own "
+                          "Hessians (hessian=guided, groups > 1); it supports save_format=native")
     if not cfg.get("save"):
         raise ConfigError(f"save_format={fmt} needs save=true")
     return fmt

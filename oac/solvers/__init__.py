@@ -27,6 +27,9 @@ class SolverSpec:
     ``order``: where its rows go in tables (the paper's order: RTN, GPTQ, SpQR, BiLLM).
     ``save_formats``: how ``save=true`` can keep its models (``save_format``): ``native`` always; ``compressed-tensors``
     for solvers whose weights lie on a uniform grid returned as ``masks`` scale/zero(/perm) (oac/jobdir/export.py).
+    ``stacked_hessian``: accepts a stack H [G, d_in, d_in], one Hessian per contiguous group of d_out/G rows
+    (``oac.solvers.common.solve_row_groups``); sources that feed stacks (``guided`` with groups > 1) are refused
+    for the other solvers before the model loads.
     """
 
     name: str
@@ -37,6 +40,7 @@ class SolverSpec:
     check_shape: Callable | None = None
     order: int = 100
     save_formats: tuple[str, ...] = ("native",)
+    stacked_hessian: bool = False
 
     def make_config(self, params: dict | None):
         cfg = build_options(self.config, params, f"method ({self.name} solver)")

@@ -14,6 +14,15 @@ the layer output and U decouples them, so nothing else changes.
 Any shape is accepted (:func:`check_shape` rejects only invalid settings). Diagnostics: the block-wise
 feedback breaks the OBS identity that gives GPTQ/SpQR a cheap objective, so ``objective`` (tr(ΔW H ΔWᵀ))
 is computed, with the plain d_out·d_in² product, only with ``diagnostics=True``.
+
+Per-row-group Hessians ([G, d_in, d_in] stacks, ``guided`` with groups > 1) are refused before the model loads
+(``SolverSpec.stacked_hessian`` False); a [1, d_in, d_in] stack is the plain H. Why: BiLLM's salient columns are
+structured — SEARCH scores every column over *all rows* of a block and picks k* whole columns, stored as one
+column bitmap per block shared by the rows (the 1/d_out term of the bits), and the split thresholds are quantiles
+over the whole block. With a Hessian per row group the saliency S = W²/u_g² would come from G different factors
+U_g: solving the groups separately would choose G different column sets (another bit accounting, no longer
+BiLLM's structure), and one search over the stacked S would mix scales of different Hessians (S is only defined up
+to each H_g's normalisation, C3), so neither reproduces BiLLM; no reference defines the combination.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from oac.errors import ConfigError
 from oac.registry import check_choice, check_float, check_int
 from oac.solvers import SolverSpec
 from oac.quant.bits import billm_bits
-from oac.solvers.common import SolveResult, check_finite, inverse_cholesky, layer_objective
+from oac.solvers.common import HessianError, SolveResult, check_finite, inverse_cholesky, layer_objective
 
 _BATCH_ELEMS = 1 << 24  # elements of a batched [k, rows, cols] tensor in the GPU salient-column search
 
@@ -224,6 +233,11 @@ def _split_errors(Xr: Tensor, thresholds: Tensor) -> Tensor:
 def solve(W: Tensor, H: Tensor, cfg: BiLLMConfig, name: str = "layer") -> SolveResult:
     validate_config(cfg, name)
     check_finite(W, H, name)
+    if H.dim() == 3:
+        if H.shape[0] > 1:
+            raise HessianError(f"{name}: BiLLM takes one Hessian per layer, got {H.shape[0]} row-group Hessians "
+                               f"(its salient columns are chosen over all rows of a block)")
+        H = H[0]
     W_orig = W.detach().float()
     H_orig = H.detach().to(W.device).float()
     W = W_orig.clone()

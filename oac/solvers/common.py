@@ -41,11 +41,14 @@ def all_finite(x: Tensor) -> bool:
 
 
 def check_finite(W: Tensor, H: Tensor | None, name: str = "layer") -> None:
+    """W finite; H None, or finite and [d_in, d_in], or a stack [G, d_in, d_in] whose G divides d_out."""
     if not all_finite(W):
         raise HessianError(f"{name}: weight contains NaN/Inf; refusing to quantize")
     if H is not None:
-        if H.shape[0] != H.shape[1] or H.shape[0] != W.shape[1]:
-            raise HessianError(f"{name}: Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}")
+        square = H.dim() in (2, 3) and H.shape[-1] == H.shape[-2] == W.shape[1]
+        if not square or (H.dim() == 3 and (H.shape[0] < 1 or W.shape[0] % H.shape[0])):
+            raise HessianError(f"{name}: Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}"
+                               + (" (a stack [G, d_in, d_in] needs G to divide d_out)" if H.dim() == 3 else ""))
         if not all_finite(H):
             raise HessianError(f"{name}: Hessian contains NaN/Inf (overflowed calibration statistics?)")
 
@@ -191,3 +194,74 @@ def validate_uniform_config(
         raise ConfigError(f"{method}: groupsize={groupsize} does not divide d_in={d_in} (layer shape "
                           f"{(d_out, d_in)}); {divisor_spec}")
 
+
+
+# ----------------------------------------------------------------------------- per-row-group Hessians
+
+# A Hessian may be a stack [G, d_in, d_in]: the d_out rows of W are split into G contiguous groups of d_out/G
+# rows (G must divide d_out), and row group g — rows [g·d_out/G, (g+1)·d_out/G) — is solved with H[g] as a layer
+# of its own (GuidedQuant's rule; ``oac/hessian/guided.py``). A [1, d_in, d_in] stack is the plain [d_in, d_in]
+# H. Solvers that accept stacks (``SolverSpec.stacked_hessian``) call :func:`solve_row_groups`.
+
+MERGE_SUM = "sum"  # counts, times, objectives
+MERGE_MAX = "max"  # damping actually used, dead columns (the most of any group)
+MERGE_MEAN = "mean"  # per-group values of equal weight (thresholds); groups have equal sizes
+MERGE_WMEAN = "wmean"  # fractions and bits: weighted by n_weights
+MERGE_ALL = "all"  # booleans: every group
+MERGE_SAME = "same"  # settings: equal in every group
+
+
+def row_groups(H: Tensor | None) -> int:
+    """Number of row groups of a Hessian: 1 for None or [d_in, d_in], G for a stack [G, d_in, d_in]."""
+    return 1 if H is None or H.dim() == 2 else int(H.shape[0])
+
+
+def row_slices(d_out: int, G: int) -> list[slice]:
+    """The rows of each group: G contiguous blocks of d_out/G rows."""
+    if G < 1 or d_out % G:
+        raise ConfigError(f"{G} row groups do not divide d_out={d_out}")
+    r = d_out // G
+    return [slice(g * r, (g + 1) * r) for g in range(G)]
+
+
+def merge_stats(parts: list[dict], rules: dict[str, str]) -> dict:
+    """One layer's stats from its row groups' stats (``rules``: key -> MERGE_*; keys without a rule must agree)."""
+    out = {}
+    weights = [p.get("n_weights", 1) for p in parts]
+    for key in parts[0]:
+        vals = [p[key] for p in parts]
+        rule = rules.get(key, MERGE_SAME)
+        if rule == MERGE_SUM:
+            out[key] = sum(vals)
+        elif rule == MERGE_MAX:
+            out[key] = max(vals)
+        elif rule == MERGE_MEAN:
+            out[key] = sum(vals) / len(vals)
+        elif rule == MERGE_WMEAN:
+            out[key] = sum(v * w for v, w in zip(vals, weights)) / sum(weights)
+        elif rule == MERGE_ALL:
+            out[key] = all(vals)
+        else:
+            if any(v != vals[0] for v in vals[1:]):
+                raise ValueError(f"row groups disagree on stats[{key!r}]: {vals}")
+            out[key] = vals[0]
+    return out
+
+
+def solve_row_groups(solve, W: Tensor, H: Tensor, cfg, name: str, rules: dict[str, str],
+                     stacked_masks: tuple[str, ...] = ("perm",)) -> SolveResult:
+    """Solve each row group of W with its own H[g] (``solve`` on [d_out/G, d_in] and [d_in, d_in]) and merge.
+
+    Ŵ and the row-indexed masks (scales, zeros, outliers, ...) are the groups' stacked in row order; the masks
+    named in ``stacked_masks`` (a column permutation per group) become [G, ...]; stats by ``rules``
+    (:func:`merge_stats`) plus ``row_groups`` = G.
+    """
+    G = row_groups(H)
+    parts = [solve(W[rows], H[g], cfg, f"{name} rows {rows.start}:{rows.stop}")
+             for g, rows in enumerate(row_slices(W.shape[0], G))]
+    weight = torch.cat([p.weight for p in parts], dim=0)
+    masks = {k: (torch.stack if k in stacked_masks else torch.cat)([p.masks[k] for p in parts], dim=0)
+             for k in parts[0].masks}
+    stats = merge_stats([p.stats for p in parts], rules)
+    stats["row_groups"] = G
+    return SolveResult(weight=weight, stats=stats, masks=masks)

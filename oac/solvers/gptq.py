@@ -14,6 +14,14 @@ Replicates the reference (IST-DASLab/gptq) on identical inputs, including its qu
 Diagnostics: ``loss`` (½ Σ e², the reference's "error") and ``objective`` (tr(ΔW H ΔWᵀ) for the undamped H)
 come from the errors the sweep computes anyway (:func:`oac.solvers.common.obs_objective`, O(d_out·d_in));
 ``diagnostics=True`` evaluates ``objective`` with the plain d_out·d_in² product instead.
+
+Per-row-group Hessians: H may be a stack [G, d_in, d_in] (``oac.solvers.common.solve_row_groups``): the rows
+are split into G contiguous groups of d_out/G and each group is a GPTQ problem of its own with its H[g] (dead
+columns, damping, Cholesky factor and, with ``act_order``, the permutation by its own diag(H[g])). GPTQ's grid is
+per row, so the split changes nothing but the Hessian each row sees. Ŵ, ``scale`` and ``zero`` are the groups'
+stacked in row order, ``perm`` becomes [G, d_in]; stats: ``loss``, ``objective``, ``n_weights``, times and
+retries are summed, ``percdamp_used`` and ``n_dead`` are the largest of any group, plus ``row_groups``. G = 1
+([1, d_in, d_in]) is the plain path, bit for bit.
 """
 
 from __future__ import annotations
@@ -33,11 +41,18 @@ from oac.solvers.common import (
     SolveResult,
     act_order_permutation,
     check_finite,
+    MERGE_MAX,
+    MERGE_SUM,
     inverse_cholesky,
     layer_objective,
     obs_objective,
+    solve_row_groups,
     sq_dist,
 )
+
+# how the stats of row groups combine into the layer's (the other keys are settings, equal in every group)
+ROW_GROUP_STATS = {"n_weights": MERGE_SUM, "loss": MERGE_SUM, "objective": MERGE_SUM, "diagnostics_s": MERGE_SUM,
+                   "percdamp_used": MERGE_MAX, "damp_retries": MERGE_SUM, "n_dead": MERGE_MAX}
 
 
 @dataclass
@@ -89,6 +104,10 @@ def check_shape(cfg: GPTQConfig, d_out: int, d_in: int) -> None:
 def solve(W: Tensor, H: Tensor, cfg: GPTQConfig, name: str = "layer") -> SolveResult:
     validate_config(cfg, tuple(W.shape), name)
     check_finite(W, H, name)
+    if H.dim() == 3:  # one Hessian per contiguous row group
+        if H.shape[0] > 1:
+            return solve_row_groups(solve, W, H, cfg, name, ROW_GROUP_STATS)
+        H = H[0]
     W_orig = W.detach().float()
     W = W_orig.clone()
     H_in = H.detach().to(device=W.device, dtype=torch.float32)  # the caller's tensor when already fp32: read only
@@ -202,5 +221,5 @@ def solve(W: Tensor, H: Tensor, cfg: GPTQConfig, name: str = "layer") -> SolveRe
 
 
 SOLVER = SolverSpec("gptq", GPTQConfig, solve, validate_options=validate_options,
-                    check_shape=check_shape, order=20,
+                    check_shape=check_shape, order=20, stacked_hessian=True,
                     save_formats=("native", "compressed-tensors"))

@@ -18,4 +18,4 @@ def solve(W, H, cfg: IdentityConfig) -> SolveResult:
                                                         "bits_full": 32.0, "n_weights": W.numel()})
 
 
-SOLVER = SolverSpec("identity", IdentityConfig, solve)
+SOLVER = SolverSpec("identity", IdentityConfig, solve, stacked_hessian=True)  # H is ignored

@@ -20,6 +20,18 @@ gives the zeroed column. They never reach the layer output and U decouples them,
 Shapes: groupsize β1 must divide d_in and, when a second level is used, qq_groupsize β2 must divide d_out
 (:func:`check_shape`). Diagnostics: ``objective`` (tr(ΔW H ΔWᵀ), undamped H) comes from the sweep's OBS
 errors (O(d_out·d_in)); ``diagnostics=True`` evaluates the plain d_out·d_in² product instead.
+
+Per-row-group Hessians: H may be a stack [G, d_in, d_in] (``oac.solvers.common.solve_row_groups``): the rows are
+split into G contiguous groups of d_out/G and each group is an SpQR problem of its own with its H[g]: its own
+permutation (diag H[g]), damping, U, τ scale (variance over the group's rows relative to its u²) and, with
+``target_outlier_fraction``, its own threshold search (so every group, and the layer, hits the budget). The second
+level quantizes statistics over β2 consecutive rows, so β2 must divide d_out/G (checked with the layer shapes: no
+β2-group straddles two row groups). Ŵ and ``outliers`` are the groups' stacked in row order; stats: counts,
+objective and times are summed, ``outlier_fraction`` is n_outliers / n_weights, the bits are the n_weights-weighted
+mean (the bits formula is affine in the outlier fraction, so that is the formula at the layer's fraction),
+``outlier_threshold_used`` and ``tau`` are the mean over groups, ``percdamp_used`` and ``n_dead`` the largest,
+``target_hit`` holds if it holds in every group, plus ``row_groups``. G = 1 ([1, d_in, d_in]) is the plain path,
+bit for bit.
 """
 
 from __future__ import annotations
@@ -41,13 +53,26 @@ from oac.solvers.common import (
     act_order_permutation,
     check_finite,
     inverse_cholesky,
+    MERGE_ALL,
+    MERGE_MAX,
+    MERGE_MEAN,
+    MERGE_SUM,
+    MERGE_WMEAN,
     layer_objective,
     obs_objective,
+    solve_row_groups,
     sq_dist,
     validate_uniform_config,
 )
 
 _LOO_CHUNK = 1 << 22  # elements of the [rows, g, g-1] leave-one-out batch processed at once
+
+# how the stats of row groups combine into the layer's (the other keys are settings, equal in every group)
+ROW_GROUP_STATS = {"n_weights": MERGE_SUM, "n_outliers": MERGE_SUM, "outlier_fraction": MERGE_WMEAN,
+                   "outlier_threshold_used": MERGE_MEAN, "tau": MERGE_MEAN, "n_solves": MERGE_SUM,
+                   "percdamp_used": MERGE_MAX, "damp_retries": MERGE_SUM, "n_dead": MERGE_MAX, "objective": MERGE_SUM,
+                   "diagnostics_s": MERGE_SUM, "bits_reported": MERGE_WMEAN, "bits_full": MERGE_WMEAN,
+                   "target_hit": MERGE_ALL}
 
 
 @dataclass
@@ -273,6 +298,12 @@ def _search_threshold(run, start: float, target: float, cfg: SpQRConfig):
 def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveResult:
     validate_config(cfg, tuple(W.shape), name)
     check_finite(W, H, name)
+    if H.dim() == 3:  # one Hessian per contiguous row group
+        if H.shape[0] > 1:
+            res = solve_row_groups(solve, W, H, cfg, name, ROW_GROUP_STATS)
+            res.stats["outlier_fraction"] = res.stats["n_outliers"] / res.stats["n_weights"]  # exact, not a mean
+            return res
+        H = H[0]
     W_orig = W.detach().float()
     H_orig = H.detach().to(W.device).float()
     d_out, d_in = W_orig.shape
@@ -353,4 +384,4 @@ def solve(W: Tensor, H: Tensor, cfg: SpQRConfig, name: str = "layer") -> SolveRe
 
 
 SOLVER = SolverSpec("spqr", SpQRConfig, solve, validate_options=validate_options,
-                    check_shape=check_shape, order=30)
+                    check_shape=check_shape, order=30, stacked_hessian=True)

@@ -238,3 +238,13 @@ def test_committed_config_hashes_unchanged():
         for _, row in runs.iterrows():  # paths as they resolved then (output and cache dirs are volatile)
             cfg = compose(config_name="config", overrides=[*row["overrides"].split(), "paths.shared_dir=../shared"])
             assert cfg.save_format == "native" and config_hash(cfg) == row["config_hash"], row["overrides"]
+
+
+def test_guided_row_groups_are_refused_for_compressed_tensors(compose):
+    from oac.errors import ConfigError
+    from oac.job import validate
+
+    with pytest.raises(ConfigError, match="row groups"):
+        validate(compose("model=stories260k", "method=guided_gptq", "method.guided.groups=2", "save=true",
+                         "save_format=compressed-tensors"))
+    validate(compose("model=stories260k", "method=guided_gptq", "save=true", "save_format=compressed-tensors"))
