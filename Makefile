@@ -42,6 +42,7 @@ demo: setup          ## fp16, RTN, GPTQ, SpQR, OAC-SpQR at 2 bits on SmolLM2 (CP
 bench: setup         ## solver and OAC benchmarks -> results/bench/
 	$(PY) -m experiments.bench_solvers
 	$(PY) -m experiments.bench_oac
+	$(PY) -m experiments.bench_kl
 
 gpu-check: setup    ## on a CUDA machine: every method on SmolLM2 in fp16 vs the committed CPU numbers, solver times at LLaMA-7B shapes -> results/gpu_check.md
 	$(PY) -m experiments.gpu_check
