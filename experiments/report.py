@@ -331,7 +331,7 @@ def report(outputs: str | Path = "outputs", results: str | Path = "results", *,
     for table, sub in runs.groupby("table", sort=True):
         long = join_refs(aggregate(sub, configs), refs)
         labels = dict(zip(long["group"], long["label"])) if not long.empty else {}
-        sub = sub.assign(label=[labels.get(g, m) for g, m in zip(sub["group"], sub["method"])])
+        sub = sub.assign(label=[labels.get(g) or _label(r) for g, (_, r) in zip(sub["group"], sub.iterrows())])
         summary, pairs = seed_summary(sub), paired(sub)
         sub.to_csv(results / f"{table}_runs.csv", index=False)
         long.to_csv(results / f"{table}.csv", index=False)

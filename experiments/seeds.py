@@ -245,7 +245,7 @@ def quality_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
                   "between configurations with the same count (see `windows:<set>` in the runs CSV).", ""]
     lines += ["| configuration | seeds | " + " | ".join(metric_name(m) for m in metrics) + " |",
               "|---|---|" + "---|" * len(metrics)]
-    for g, rows in summary[summary["metric"].isin(metrics)].groupby("group", sort=False):
+    for g, rows in summary[summary["metric"].isin(metrics) & (summary["n"] > 0)].groupby("group", sort=False):
         by = rows.set_index("metric")
         cells = [_mean_std(by.loc[m, "mean"], by.loc[m, "std"], int(by.loc[m, "n"])).replace(
             f" (n={int(by.loc[m, 'n'])})", "") if m in by.index and by.loc[m, "n"] > 0 else "—"
@@ -297,7 +297,7 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame | None = None) ->
         misses = pd.to_numeric(runs.get("hessian_cache_misses"), errors="coerce").fillna(0)
         cached = set(runs.loc[(hits > 0) & (misses == 0), "group"])
         partly = set(runs.loc[(hits > 0) & (misses > 0), "group"]) - cached
-    sub = summary[summary["metric"].isin(list(SUMMARY_METRICS))]
+    sub = summary[summary["metric"].isin(list(SUMMARY_METRICS)) & (summary["n"] > 0)]
     if sub.empty:
         return []
     cols = [m for m in SUMMARY_METRICS if m in set(sub["metric"])]
