@@ -11,7 +11,7 @@ from oac.hessian.output_adaptive import OutputAdaptiveHessian
 from oac.models import Adapter
 from oac.pipeline import quantize_model
 from oac.solvers import get_solver
-from tests.hessian.test_output_adaptive import Recording, block_context, ids_for, rel
+from tests.hessian.test_output_adaptive import Recording, block_context, ids_for, output_grads, rel
 from tests.helpers import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -27,25 +27,8 @@ def brute_force(adapter, ids, k, G):
     from an additive zero perturbation of every output (∂ℓ/∂E), the whole full-precision model, one window at a time."""
     lins = adapter.linears(adapter.blocks[k])
     H = {n: torch.zeros(G, m.in_features, m.in_features, dtype=torch.float64) for n, m in lins.items()}
-    for i in range(ids.shape[0]):
-        X, E = {}, {}
-
-        def hook_for(n):
-            def hook(mod, inp, out):
-                X[n] = inp[0].detach()[0].double()
-                E[n] = torch.zeros_like(out, requires_grad=True)
-                return out + E[n]
-            return hook
-
-        hs = [m.register_forward_hook(hook_for(n)) for n, m in lins.items()]
-        with torch.enable_grad():
-            logits = adapter.model(input_ids=ids[i : i + 1]).logits[0, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits, ids[i, 1:], reduction="sum")
-            grads = torch.autograd.grad(loss, [E[n] for n in lins])
-        for h in hs:
-            h.remove()
-        for n, d in zip(lins, grads):
-            d = d[0].double()  # [T, d_out]
+    for X, D in output_grads(adapter, ids, k):
+        for n, d in D.items():  # [T, d_out]
             width = d.shape[1] // G
             for t in range(d.shape[0]):
                 xx = torch.outer(X[n][t], X[n][t])

@@ -73,10 +73,10 @@ def reference_sequence(adapter, ids, k):
     return {n: h / ids.shape[0] for n, h in H.items()}
 
 
-def reference_token(adapter, ids, k):
-    """Σ_i Σ_t ‖δ_it‖² x_it x_itᵀ / N with δ from an additive zero perturbation E of each output (∂ℓ/∂E)."""
+def output_grads(adapter, ids, k):
+    """Per window i: ({name: X [T, d_in]}, {name: δ [T, d_out]}) in float64 for the linears of block k, δ = ∂ℓ/∂E with
+    E an additive zero perturbation of each output, ℓ the summed next-token CE of the whole full-precision model."""
     lins = adapter.linears(adapter.blocks[k])
-    H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lins.items()}
     for i in range(ids.shape[0]):
         X, E = {}, {}
 
@@ -94,8 +94,15 @@ def reference_token(adapter, ids, k):
             grads = torch.autograd.grad(loss, [E[n] for n in lins])
         for h in hs:
             h.remove()
-        for n, d in zip(lins, grads):
-            d = d[0].double()
+        yield X, {n: d[0].double() for n, d in zip(lins, grads)}
+
+
+def reference_token(adapter, ids, k):
+    """Σ_i Σ_t ‖δ_it‖² x_it x_itᵀ / N with δ from an additive zero perturbation E of each output (∂ℓ/∂E)."""
+    lins = adapter.linears(adapter.blocks[k])
+    H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lins.items()}
+    for X, D in output_grads(adapter, ids, k):
+        for n, d in D.items():
             for t in range(d.shape[0]):
                 H[n] += d[t].square().sum() * torch.outer(X[n][t], X[n][t])
     return {n: h / ids.shape[0] for n, h in H.items()}
