@@ -151,6 +151,11 @@ def run_job(cfg: DictConfig, out_dir: str | os.PathLike, overrides: list[str] | 
     if cfg.get("skip_complete", True) and (done := job.completed()) is not None:
         log.info("skipped: complete (%s)", out_dir)
         return {**done, "skipped": True}
+    if cfg.get("reuse_results", True) and cfg.get("skip_complete", True) and \
+            (done := job.reuse(cfg.paths.output_dir, overrides)) is not None:
+        log.info("reused: the same configuration up to tag, complete in %s (reuse_results=false recomputes)",
+                 done["reused_from"]["job_dir"])
+        return {**done, "skipped": True}
     t_start = time.perf_counter()
     result = {"status": "running", "model": cfg.model.name, "method": m.name,
               "wbits": cfg.method.get("wbits"), "groupsize": cfg.method.get("groupsize"), "tag": cfg.get("tag"),

@@ -74,6 +74,8 @@ def result_row(result: dict, job_dir: str | Path | None = None) -> dict:
     env = result.get("environment") or {}
     row["threads"] = env.get("threads")
     row["environment"] = environment_summary(env)
+    # copied from the same configuration complete under another tag (oac/jobdir/reuse.py): that table's job
+    row["reused_from"] = (result.get("reused_from") or {}).get("tag")
     row["job_dir"] = str(job_dir) if job_dir is not None else None
     return row
 

@@ -39,6 +39,22 @@ class JobDir:
         """The result of an earlier complete run of the same config (the job is then skipped)."""
         return completed_result(self.cfg, self.path)
 
+    def reuse(self, root: str | os.PathLike, overrides: list[str] | None = None) -> dict | None:
+        """Copy a complete result of the same configuration up to ``tag`` found under ``root`` (reuse.py), under
+        the lock; None when there is none."""
+        from oac.jobdir.reuse import find_reusable, reused_copy
+
+        found = find_reusable(self.cfg, self.path, root)
+        if found is None:
+            return None
+        result = reused_copy(self.cfg, *found, overrides)
+        self._lock.acquire()
+        try:
+            self.write(result)
+        finally:
+            self._lock.release()
+        return result
+
     def begin(self, result: dict) -> None:
         """Take the lock (or raise :class:`JobLocked`) and record ``status: running`` with host, pid, start."""
         self._lock.acquire()

@@ -9,11 +9,12 @@ from omegaconf import DictConfig, OmegaConf
 
 # keys (dotted) that never change a job's numbers: output/cache locations, checkpointing, logging, threads (the
 # thread count can move last bits: it is recorded in result.json "environment", oac/environment.py), the layout a
-# saved model is written in (save_format).
+# saved model is written in (save_format), whether a result may be copied from another sweep (reuse_results).
 # eval.kl adds metrics without changing any other: a complete result that lacks a requested KL is rerun
 # (oac.jobdir.record.missing_metrics), so it needs no place in the hash.
 VOLATILE_KEYS = ("hydra", "paths.output_dir", "paths.cache_dir", "paths.verify_data", "checkpoint", "skip_complete",
-                 "threads", "logger", "oac_cache_dir", "method.oac.cache_dir", "save_format", "eval.kl")
+                 "threads", "logger", "oac_cache_dir", "method.oac.cache_dir", "save_format", "eval.kl",
+                 "reuse_results")
 # keys added after results were committed: they enter the hash only when set, so older jobs keep their hash
 DEFAULT_KEYS = {"jitter_seed": None, "eval.ppl.max_tokens": None}
 
@@ -33,3 +34,10 @@ def config_hash(cfg: DictConfig | dict) -> str:
         if isinstance(node, dict) and last in node and (key not in DEFAULT_KEYS or node[last] == DEFAULT_KEYS[key]):
             node.pop(last)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def content_hash(cfg: DictConfig | dict) -> str:
+    """:func:`config_hash` without ``tag``: equal for the same job run under two sweeps (oac/jobdir/reuse.py)."""
+    d = plain_config(cfg)
+    d.pop("tag", None)
+    return config_hash(d)
