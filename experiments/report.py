@@ -32,6 +32,7 @@ from oac import hessian
 from oac.jobdir import RESULT_FILE
 from experiments.seeds import (band_markdown, missing_markdown, paired, paired_markdown, quality_markdown,
                                seed_summary, summary_markdown)
+from experiments.frontier import frontier, frontier_markdown, plot_frontier
 from oac.rows import BITS, group_key, result_row  # noqa: F401  (result_row: public API)
 
 log = logging.getLogger("report")
@@ -270,11 +271,16 @@ def experiments_of(table: str) -> list[str]:
 
 
 def markdown(table: str, long: pd.DataFrame, runs: pd.DataFrame, pairs: pd.DataFrame | None = None,
-             summary: pd.DataFrame | None = None) -> str:
+             summary: pd.DataFrame | None = None, front: pd.DataFrame | None = None) -> str:
     cmds = [f"`python -m experiments.run -m experiment={e}`" for e in experiments_of(table)]
     lines = [f"# {table}", ""]
     if cmds:
         lines += [f"Produced by {' and '.join(cmds)} then `python -m experiments.report`.", ""]
+    reused = runs[runs["reused_from"].notna()] if "reused_from" in runs else runs.iloc[:0]
+    if len(reused):
+        lines += [f"{len(reused)} of {len(runs)} jobs are copies of the same configuration complete under another tag "
+                  f"({', '.join(sorted(set(reused['reused_from'])))}; `reused_from` in the runs CSV; same CPU, threads "
+                  "and torch build, oac/jobdir/reuse.py): their numbers and times are that job's.", ""]
     failed = runs[runs["status"] != "complete"]
     if len(failed):
         lines += [f"{len(failed)} job(s) not complete:", ""]
@@ -297,6 +303,9 @@ def markdown(table: str, long: pd.DataFrame, runs: pd.DataFrame, pairs: pd.DataF
     lines += quality_markdown(summary if summary is not None else pd.DataFrame(), runs)
     lines += paired_markdown(pairs if pairs is not None else pd.DataFrame())
     lines += band_markdown(summary if summary is not None else pd.DataFrame())
+    if front is not None and not front.empty:
+        lines += frontier_markdown(front) + [f"Plot: `{table}_frontier.png` (quality against Hessian-phase time, "
+                                             "error bars = std over seeds; experiments/frontier.py).", ""]
     lines += summary_markdown(summary if summary is not None else pd.DataFrame(), runs)
     refs = _pivot(long, _ref_cell)
     if (refs.drop(columns=[c for c in refs.columns if c.endswith("· bits")]) != "").any().any():
@@ -333,12 +342,18 @@ def report(outputs: str | Path = "outputs", results: str | Path = "results", *,
         labels = dict(zip(long["group"], long["label"])) if not long.empty else {}
         sub = sub.assign(label=[labels.get(g) or _label(r) for g, (_, r) in zip(sub["group"], sub.iterrows())])
         summary, pairs = seed_summary(sub), paired(sub)
+        front = frontier(sub, summary, pairs)
         sub.to_csv(results / f"{table}_runs.csv", index=False)
         long.to_csv(results / f"{table}.csv", index=False)
         summary.to_csv(results / f"{table}_seeds.csv", index=False)
         if not pairs.empty:
             pairs.to_csv(results / f"{table}_paired.csv", index=False)
-        (results / f"{table}.md").write_text(markdown(table, long, sub, pairs, summary))
+        if not front.empty:
+            front.to_csv(results / f"{table}_frontier.csv", index=False)
+            import matplotlib.pyplot as plt
+
+            plt.close(plot_frontier(front, results / f"{table}_frontier.png"))
+        (results / f"{table}.md").write_text(markdown(table, long, sub, pairs, summary, front))
         written[table] = results / f"{table}.md"
         log.info("%s: %d jobs (%d complete) -> %s", table, len(sub), int((sub["status"] == "complete").sum()),
                  written[table])

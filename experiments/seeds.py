@@ -31,6 +31,7 @@ import pandas as pd
 from oac.rows import BITS
 
 TIMES = ["time_quantize_s", "time_hessian_s", "time_total_s"]
+COSTS = ["hessian_block_passes", "hessian_pass_gb", "peak_rss_gb", "peak_cuda_gb"]  # the Hessian phase's work, memory
 QUALITY = ("ppl:", "kl:", "top1:", "zs:")
 HIGHER_IS_BETTER = ("zs:", "top1:")
 LOG_SCALE = ("ppl:", "kl:")  # paired as log-ratios: their spread grows with their level
@@ -39,7 +40,7 @@ LOG_SCALE = ("ppl:", "kl:")  # paired as log-ratios: their spread grows with the
 def metric_columns(runs: pd.DataFrame) -> list[str]:
     """Metrics of a per-job frame: perplexity, KL, top-1 agreement and accuracies first, then bits and times."""
     quality = [c for p in QUALITY for c in runs.columns if c.startswith(p)]
-    return quality + [c for c in BITS + TIMES if c in runs.columns]
+    return quality + [c for c in BITS + TIMES + COSTS if c in runs.columns]
 
 
 def _seed_int(s) -> int | None:
@@ -112,31 +113,48 @@ def seed_summary(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _verdict(mean: float, se: float, n: int, higher_is_better: bool) -> str:
+def _verdict(mean: float, se: float, n: int, higher_is_better: bool, who: str = "OAC") -> str:
     if n < 2 or not math.isfinite(se):
         return "n/a (n<2)"
     if abs(mean) <= 2 * se:
         return "tie"
-    return "OAC better" if (mean > 0) == higher_is_better else "OAC worse"
+    return f"{who} better" if (mean > 0) == higher_is_better else f"{who} worse"
+
+
+REFERENCE = ("output_adaptive", "per_block")  # the paper's OAC (C5): the second yardstick of every other variant
+
+
+def _is_reference(df: pd.DataFrame) -> pd.Series:
+    if "refresh" not in df or "hessian" not in df:
+        return pd.Series(False, index=df.index)
+    return (df["hessian"] == REFERENCE[0]) & (df["refresh"] == REFERENCE[1])
 
 
 def paired(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (OAC configuration, quality metric) that has a backbone configuration in the same table."""
+    """One row per (variant configuration, quality metric) and yardstick: the layer-wise backbone of the same
+    solver settings in the same table (``against`` = ``backbone``, verdict "OAC better/worse", OAC standing for
+    any end-loss variant) and, where the table has it, OAC with per-block refresh (``against`` = ``oac_per_block``,
+    verdict "better/worse" than it) for every other variant."""
     expected = _expected_seeds(runs)
     rows = []
     is_oac = runs["variant"].astype(bool)  # a calibrated non-baseline source (oac.hessian registry)
+    is_ref = _is_reference(runs)
     for (table, pair), sub in runs.groupby(["table", "pair"], sort=False):
         baseline = sub["calibrated"].astype(bool) & ~is_oac.loc[sub.index]  # the layer-wise backbone
         oac_all, bb_all = sub[is_oac.loc[sub.index]], sub[baseline]
-        if oac_all.empty or bb_all.empty:
-            continue
+        ref_all = oac_all[is_ref.loc[oac_all.index]]
         for og, oac_sub in oac_all.groupby("group", sort=False):
             for bg, bb_sub in bb_all.groupby("group", sort=False):
                 rows += _pair_rows(table, oac_sub, bb_sub, expected.get(table, set()))
+            if og in set(ref_all["group"]):
+                continue
+            for rg, ref_sub in ref_all.groupby("group", sort=False):
+                rows += _pair_rows(table, oac_sub, ref_sub, expected.get(table, set()), against="oac_per_block")
     return pd.DataFrame(rows)
 
 
-def _pair_rows(table: str, oac: pd.DataFrame, bb: pd.DataFrame, expected: set[str]) -> list[dict]:
+def _pair_rows(table: str, oac: pd.DataFrame, bb: pd.DataFrame, expected: set[str],
+               against: str = "backbone") -> list[dict]:
     def by_rep(df):
         done = df[df["status"] == "complete"]
         return done.assign(rep=list(_reps(done))).set_index("rep")
@@ -160,19 +178,24 @@ def _pair_rows(table: str, oac: pd.DataFrame, bb: pd.DataFrame, expected: set[st
         se = sd / math.sqrt(n) if n > 1 else np.nan
         mean = float(d.mean())
         n_jit = sum("/j" in r for r in ov.index)
+        # replicates whose two sides were computed in different floating-point environments (another CPU, ...)
+        n_mixed = int(sum(o.loc[r].get("environment") != b.loc[r].get("environment") for r in ov.index)) \
+            if "environment" in o and "environment" in b else 0
         out.append({
-            "table": table, "model": oac.iloc[0]["model"], "method": oac.iloc[0]["method"],
+            "table": table, "against": against, "model": oac.iloc[0]["model"], "method": oac.iloc[0]["method"],
             "backbone": bb.iloc[0]["method"], "label": oac.iloc[0].get("label", oac.iloc[0]["method"]),
             "backbone_label": bb.iloc[0].get("label", bb.iloc[0]["method"]),
             "oac_group": oac.iloc[0]["group"], "backbone_group": bb.iloc[0]["group"],
             "metric": m, "scale": "log" if log_scale else "points", "n": n, "n_seeds": n - n_jit, "n_jitter": n_jit,
+            "n_mixed_env": n_mixed,
             "seeds": ",".join(ov.index), "missing_seeds": ",".join(missing),
             "backbone_mean": bv.mean(), "backbone_std": bv.std(ddof=1) if n > 1 else np.nan,
             "oac_mean": ov.mean(), "oac_std": ov.std(ddof=1) if n > 1 else np.nan,
             "diff_mean": mean, "diff_sd": sd, "diff_se": se,
             "change_pct": 100 * (math.exp(mean) - 1) if log_scale else np.nan,
             "wins": int((d > 0).sum() if higher else (d < 0).sum()),
-            "verdict": _verdict(mean, se, n, higher_is_better=higher),
+            "verdict": _verdict(mean, se, n, higher_is_better=higher, who="OAC" if against == "backbone" else ""
+                                ).strip(),
         })
     return out
 
@@ -188,34 +211,58 @@ def _mean_std(mean: float, std: float, n: int) -> str:
 
 
 def paired_markdown(pairs: pd.DataFrame) -> list[str]:
-    """The paired section of a table's Markdown (empty when the table has no OAC/backbone pair)."""
+    """The paired sections of a table's Markdown: every variant vs its layer-wise backbone, then (where the table
+    has per-block OAC) every other variant vs per-block OAC. Empty when the table has no pair."""
     if pairs.empty:
         return []
-    lines = ["## OAC vs its backbone, paired over replicates", "",
+    against = pairs["against"] if "against" in pairs else pd.Series("backbone", index=pairs.index)
+    lines = []
+    mixed = "n_mixed_env" in pairs and pairs["n_mixed_env"].fillna(0).gt(0).any()
+    for kind, title, intro in (
+            ("backbone", "## OAC vs its backbone, paired over replicates",
              "A replicate is a calibration seed (`1`: the same windows for both methods) or, at one seed, a numeric "
              "jitter replicate (`0/j1`: every H multiplied by 1 + 2⁻²³u, `jitter_seed`, oac/numerics.py), which "
              "stands for what another machine or thread count does to the last bits. Δ: change of OAC relative to "
              "the backbone, for perplexity and KL the geometric mean of the paired ratio (log scale), for top-1 "
              "agreement and accuracies in points. Verdict: |mean paired difference| > 2 standard errors, else tie; "
              "n < 2 gives none. wins: replicates where OAC is better. Δ ± 2·se: the mean paired difference ± 2 "
-             "standard errors (log-scale metrics mapped back, hence asymmetric).", "",
-             "| pair | metric | backbone | OAC | Δ | Δ ± 2·se | wins | verdict | replicates | missing |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for _, r in pairs.iterrows():
-        lo, hi = r["diff_mean"] - 2 * r["diff_se"], r["diff_mean"] + 2 * r["diff_se"]
-        if r["scale"] == "log":
-            delta = f"{r['change_pct']:+.1f}%"
-            band = "—" if not math.isfinite(r["diff_se"]) else \
-                f"{100 * (math.exp(lo) - 1):+.1f}% … {100 * (math.exp(hi) - 1):+.1f}%"
-        else:
-            delta = f"{r['diff_mean']:+.2f}"
-            band = "—" if not math.isfinite(r["diff_se"]) else f"{lo:+.2f} … {hi:+.2f}"
-        reps = f"{r.get('n_seeds', r['n'])} seeds" + (f" + {r['n_jitter']} jitter" if r.get("n_jitter") else "")
-        lines.append(f"| {r['label']} vs {r['backbone']} | {metric_name(r['metric'])} | "
-                     f"{_mean_std(r['backbone_mean'], r['backbone_std'], r['n'])} | "
-                     f"{_mean_std(r['oac_mean'], r['oac_std'], r['n'])} | {delta} | {band} | {r['wins']}/{r['n']} | "
-                     f"**{r['verdict']}** | {reps} | {r['missing_seeds'] or '—'} |")
-    return lines + [""]
+             "standard errors (log-scale metrics mapped back, hence asymmetric). \"OAC\" stands for the row's "
+             "end-loss Hessian source (OAC or guided)."),
+            ("oac_per_block", "## Each variant vs OAC with per-block refresh, paired over replicates",
+             "The same test with per-block OAC (the paper's C5) as the yardstick: Δ is the row's configuration "
+             "relative to per-block OAC on the same replicates; \"better\" / \"worse\": than per-block OAC, "
+             "beyond 2 standard errors.")):
+        sub = pairs[against == kind]
+        if sub.empty:
+            continue
+        lines += [title, "", intro + (" *across machines*: replicates whose two sides ran in different "
+                                      "floating-point environments (`environment` in the runs CSV)." if mixed else ""),
+                  "", "| pair | metric | " + ("backbone" if kind == "backbone" else "OAC per_block")
+                  + " | variant | Δ | Δ ± 2·se | wins | verdict | replicates | missing |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for _, r in sub.iterrows():
+            lines.append(_pair_line(r))
+        lines.append("")
+    return lines
+
+
+def _pair_line(r) -> str:
+    lo, hi = r["diff_mean"] - 2 * r["diff_se"], r["diff_mean"] + 2 * r["diff_se"]
+    if r["scale"] == "log":
+        delta = f"{r['change_pct']:+.1f}%"
+        band = "—" if not math.isfinite(r["diff_se"]) else \
+            f"{100 * (math.exp(lo) - 1):+.1f}% … {100 * (math.exp(hi) - 1):+.1f}%"
+    else:
+        delta = f"{r['diff_mean']:+.2f}"
+        band = "—" if not math.isfinite(r["diff_se"]) else f"{lo:+.2f} … {hi:+.2f}"
+    reps = f"{r.get('n_seeds', r['n'])} seeds" + (f" + {r['n_jitter']} jitter" if r.get("n_jitter") else "")
+    if r.get("n_mixed_env"):
+        reps += f"; {int(r['n_mixed_env'])} across machines"
+    other = r["backbone"] if r.get("against", "backbone") == "backbone" else r["backbone_label"]
+    return (f"| {r['label']} vs {other} | {metric_name(r['metric'])} | "
+            f"{_mean_std(r['backbone_mean'], r['backbone_std'], r['n'])} | "
+            f"{_mean_std(r['oac_mean'], r['oac_std'], r['n'])} | {delta} | {band} | {r['wins']}/{r['n']} | "
+            f"**{r['verdict']}** | {reps} | {r['missing_seeds'] or '—'} |")
 
 
 def metric_name(m: str) -> str:
@@ -284,7 +331,9 @@ def band_markdown(summary: pd.DataFrame) -> list[str]:
 
 SUMMARY_METRICS = {"bits_reported": "bits (reported)", "bits_full": "bits (full)", "outlier_fraction": "outliers",
                    "salient_fraction": "salient", "time_hessian_s": "Hessian phase (s)",
-                   "time_quantize_s": "quantization (s)", "time_total_s": "job (s)"}
+                   "hessian_block_passes": "block passes", "time_quantize_s": "quantization (s)",
+                   "time_total_s": "job (s)", "hessian_pass_gb": "Ĥ held (GB)", "peak_rss_gb": "peak RSS (GB)",
+                   "peak_cuda_gb": "peak CUDA (GB)"}
 
 
 def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame | None = None) -> list[str]:
@@ -301,7 +350,7 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame | None = None) ->
     if sub.empty:
         return []
     cols = [m for m in SUMMARY_METRICS if m in set(sub["metric"])]
-    lines = ["## Bits, outliers and time per configuration (mean ± std over seeds)", "",
+    lines = ["## Bits, outliers, time and memory per configuration (mean ± std over seeds)", "",
              "| configuration | seeds | " + " | ".join(SUMMARY_METRICS[c] for c in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     for g, rows in sub.groupby("group", sort=False):
@@ -313,7 +362,8 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame | None = None) ->
                 continue
             r = by.loc[c]
             fmt = (lambda v: f"{100 * v:.2f}%") if c.endswith("fraction") else (
-                (lambda v: f"{v:.0f}") if c.startswith("time") else (lambda v: f"{v:.3f}"))
+                (lambda v: f"{v:.0f}") if c.startswith("time") or c.endswith("passes") else
+                (lambda v: f"{v:.2f}") if c.endswith("_gb") else (lambda v: f"{v:.3f}"))
             cells.append(fmt(r["mean"]) + (f" ± {fmt(r['std'])}" if r["n"] > 1 and math.isfinite(r["std"]) else ""))
         label = rows.iloc[0]["label"] + (" (Ĥ from the cache)" if g in cached else
                                           " (Ĥ partly from the cache)" if g in partly else "")

@@ -58,12 +58,21 @@ def result_row(result: dict, job_dir: str | Path | None = None) -> dict:
     times = result.get("time_s") or {}
     row.update({"time_total_s": times.get("total"), "time_quantize_s": times.get("quantize"),
                 "time_hessian_s": times.get("calib_hessian")})
+    # cost of the Hessian phase beyond its time: block forward+backward passes computed (cache hits add none),
+    # the fp32 Hessians held at once in one pass, and the job's peak resident memory
+    row["hessian_block_passes"] = _get(result, "hessian.stats.block_passes")
+    pass_bytes = _get(result, "hessian.memory.pass_peak_bytes")
+    row["hessian_pass_gb"] = None if pass_bytes is None else pass_bytes / 1e9
+    row["peak_rss_gb"] = _get(result, "peak_mem_gb.cpu_rss_gb")
+    row["peak_cuda_gb"] = _get(result, "peak_mem_gb.cuda_gb")
+    row["refresh"] = refresh_of(result)
     # Ĥ reloaded from oac_cache_dir for this many blocks (passes): the Hessian time is then not its cost
     row["hessian_cache_hits"] = _get(result, "hessian.stats.cache_hits")
     row["hessian_cache_misses"] = _get(result, "hessian.stats.cache_misses")
     row["config_hash"] = result.get("config_hash") or (config_hash(cfg) if cfg else None)
     row["group"] = group_key(cfg) if cfg else row["config_hash"]
     row["pair"] = pair_key(cfg) if cfg else row["config_hash"]
+    row["family"] = family_key(cfg) if cfg else row["config_hash"]
     row["solver"] = _get(cfg, "method.solver")
     row["hessian"] = _get(cfg, "method.hessian")
     row["calibrated"] = hessian.is_calibrated(row["hessian"])
@@ -89,6 +98,15 @@ def replicate_id(seed, jitter) -> str | None:
     if s is None and j is None:
         return None
     return f"{s}" + (f"/j{j}" if j is not None else "")
+
+
+def refresh_of(result: dict) -> str | None:
+    """How often an end-loss source recomputed its Hessians: ``per_block``, ``every<r>``, ``once`` (None: no refresh)."""
+    h = result.get("hessian") or {}
+    refresh = h.get("refresh")
+    if refresh == "every":
+        return f"every{h.get('refresh_every')}"
+    return refresh
 
 
 def group_key(cfg: dict) -> str:
@@ -129,4 +147,19 @@ def pair_key(cfg: dict) -> str:
     method = cfg.get("method") or {}
     for k in source_keys():
         method.pop(k, None)
+    return config_hash(cfg)
+
+
+def family_key(cfg: dict) -> str:
+    """Identity up to the replicates and the Hessian source's refresh schedule: the points of one refresh
+    frontier (OAC per_block, every r, once) share it (experiments/frontier.py)."""
+    cfg = json.loads(json.dumps(cfg))
+    cfg.get("calib", {}).pop("seed", None)
+    cfg.pop("jitter_seed", None)
+    cfg.pop("tag", None)
+    method = cfg.get("method") or {}
+    for k in hessian.option_keys():
+        if isinstance(method.get(k), dict):
+            method[k].pop("refresh", None)
+            method[k].pop("refresh_every", None)
     return config_hash(cfg)

@@ -21,7 +21,7 @@ MAIN_CPU = MAIN + ["oac_spqr_w2_o1_once", "oac_billm_once"]
 # issue #18: two backbones x six Hessian sources (layer-wise, OAC per_block, OAC once, guided G = 1, 2, 4)
 HESS = [f"{p}{b}{s}" for b in ("spqr_w2_o1", "gptq_w3_g128")
         for p, s in [("", ""), ("oac_", ""), ("oac_", "_once"), ("guided_", "_g1"), ("guided_", "_g2"), ("guided_", "_g4")]]
-FRONTIER = ["oac_spqr_w2_o1", "oac_spqr_w2_o1_every2", "oac_spqr_w2_o1_every4", "oac_spqr_w2_o1_every8",
+FRONTIER = ["spqr_w2_o1", "oac_spqr_w2_o1", "oac_spqr_w2_o1_every2", "oac_spqr_w2_o1_every4", "oac_spqr_w2_o1_every8",
             "oac_spqr_w2_o1_once", "guided_spqr_w2_o1_g4_per_block", "guided_spqr_w2_o1_g4"]
 # experiment -> (settings, models, extra swept values per job)
 EXPECTED = {

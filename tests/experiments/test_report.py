@@ -202,3 +202,47 @@ def test_kl_verdicts_and_jitter_replicates_in_the_pairs_and_the_band(tmp_path):
     md = (tmp_path / "results" / "main.md").read_text()
     assert "Numeric band vs calibration-seed spread" in md and "KL wikitext2" in md and "3 seeds + 2 jitter" in md
     assert "windows per set: wikitext2 20" in md
+
+
+def test_frontier_gain_kept_cost_and_pairs_against_per_block_oac(tmp_path):
+    """A refresh family (OAC per_block / every4 / once) with known paired log-gains over the backbone: per_block
+    keeps 1, every4 ln0.9/ln0.8 of it, once none; cost is relative to per_block; a variant outside the family
+    (guided) is paired with per-block OAC too."""
+    import math
+
+    out = tmp_path / "outputs"
+    bb = {0: 100.0, 1: 120.0, 2: 90.0}
+    sched = {"per_block": (0.8, 1000.0, {"refresh": "per_block"}), "every4": (0.9, 250.0, {"refresh": "every", "refresh_every": 4}),
+             "once": (1.0, 40.0, {"refresh": "once"})}
+    for s, p in bb.items():
+        noise = 1 + 0.001 * s
+        write_json_atomic(out / f"spqr/{s}" / "result.json", seeded("spqr", s, {"wikitext2": p}))
+        for name, (factor, t, opts) in sched.items():
+            r = seeded("oac_spqr", s, {"wikitext2": p * factor * noise}, backbone="spqr")
+            r["config"]["method"]["oac"] = opts
+            r["hessian"] = {**opts, "stats": {"block_passes": t}}
+            r["time_s"]["calib_hessian"] = t * (1 + 0.01 * s)
+            write_json_atomic(out / f"oac_{name}/{s}" / "result.json", r)
+        g = seeded("oac_spqr", s, {"wikitext2": p * 0.85 * noise}, backbone="spqr")
+        g["method"] = g["config"]["method"]["name"] = "guided_spqr"
+        g["config"]["method"].update({"hessian": "guided", "guided": {"groups": 4, "refresh": "once"}})
+        g["config"]["method"].pop("oac")
+        g["hessian"] = {"refresh": "once", "stats": {"block_passes": 40}}
+        write_json_atomic(out / f"guided/{s}" / "result.json", g)
+    results = tmp_path / "results"
+    report(out, results)
+    front = pd.read_csv(results / "main_frontier.csv")
+    by = front.set_index("refresh")
+    assert list(front["refresh"]) == ["per_block", "every4", "once"]  # per_block first, once last; guided has one schedule
+    assert by.loc["per_block", "gain_kept"] == pytest.approx(1.0) and by.loc["once", "gain_kept"] == pytest.approx(0.0, abs=1e-2)
+    assert by.loc["every4", "gain_kept"] == pytest.approx(math.log(0.9) / math.log(0.8), rel=1e-2)
+    assert by.loc["every4", "cost_vs_per_block"] == pytest.approx(0.25) and by.loc["every4", "block_passes"] == 250
+    pairs = pd.read_csv(results / "main_paired.csv")
+    ref = pairs[pairs["against"] == "oac_per_block"]
+    assert set(ref["method"]) == {"oac_spqr", "guided_spqr"} and len(ref) == 3  # every4, once, guided vs per_block
+    guided = ref[ref["method"] == "guided_spqr"].iloc[0]
+    assert guided["diff_mean"] == pytest.approx(math.log(0.85 / 0.8)) and guided["verdict"] == "worse"
+    assert len(pairs[pairs["against"] == "backbone"]) == 4  # every variant vs the layer-wise backbone
+    md = (results / "main.md").read_text()
+    assert "Refresh frontier" in md and "Each variant vs OAC with per-block refresh" in md
+    assert (results / "main_frontier.png").stat().st_size > 10_000

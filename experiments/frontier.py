@@ -1,0 +1,159 @@
+"""The refresh frontier: what an end-loss Hessian's refresh schedule costs and what it buys (issue #18).
+
+A *family* is a set of configurations that differ only in how often the source recomputes its Hessians
+(``refresh`` = per_block | every r | once; ``oac.rows.family_key``), e.g. OAC-SpQR w2 at per_block, every 2, 4, 8
+and once. Per configuration of a family with at least two schedules:
+
+* cost: the Hessian phase's time (``time_s.calib_hessian``, mean ± std over seeds), the block forward+backward
+  passes computed (``hessian.stats.block_passes``; the machine-independent cost), both relative to the family's
+  per_block point;
+* quality: perplexity and KL per set (mean ± std over seeds), and *gain kept*: the mean paired log-ratio of the
+  configuration vs its layer-wise backbone divided by per_block's (1 = all of per-block's gain, 0 = none,
+  negative = worse than the backbone), from the paired differences of experiments/seeds.py.
+
+:func:`plot_frontier` draws quality against Hessian-phase time with error bars (the notebook and the report).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from experiments.seeds import _mean_std, metric_name
+
+QUALITY = ("ppl:", "kl:")
+ORDER = {"per_block": 0, "once": 10_000}  # every<r>: r
+
+
+def _refresh_rank(r: str | None) -> int:
+    if r in ORDER:
+        return ORDER[r]
+    return int(r.removeprefix("every")) if isinstance(r, str) and r.startswith("every") else 5_000
+
+
+def frontier(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (configuration of a family with ≥ 2 refresh schedules, metric)."""
+    if runs.empty or "family" not in runs or "refresh" not in runs:
+        return pd.DataFrame()
+    done = runs[(runs["status"] == "complete") & runs["variant"].astype(bool) & runs["refresh"].notna()]
+    out = []
+    for (table, fam), sub in done.groupby(["table", "family"], sort=False):
+        groups = sub.drop_duplicates("group")
+        if groups["refresh"].nunique() < 2:
+            continue
+        stats = summary[summary["group"].isin(groups["group"])].set_index(["group", "metric"])
+        back = pairs[(pairs["against"] == "backbone") & pairs["oac_group"].isin(groups["group"])] \
+            if not pairs.empty else pd.DataFrame(columns=["oac_group", "metric", "diff_mean", "verdict",
+                                                          "backbone_mean", "backbone_std"])
+        pb = groups[groups["refresh"] == "per_block"]["group"]
+        pb = pb.iloc[0] if len(pb) else None
+
+        def stat(g, m, k="mean"):
+            return stats.loc[(g, m), k] if (g, m) in stats.index else float("nan")
+
+        for _, g in groups.sort_values("refresh", key=lambda c: c.map(_refresh_rank)).iterrows():
+            base = {"table": table, "family": fam, "group": g["group"], "label": g.get("label", g["method"]),
+                    "method": g["method"], "hessian": g["hessian"], "refresh": g["refresh"],
+                    "n": int(stat(g["group"], "time_hessian_s", "n")) if (g["group"], "time_hessian_s") in stats.index
+                    else 0,
+                    "hessian_s": stat(g["group"], "time_hessian_s"), "hessian_s_std": stat(g["group"], "time_hessian_s", "std"),
+                    "block_passes": stat(g["group"], "hessian_block_passes"),
+                    "cost_vs_per_block": stat(g["group"], "time_hessian_s") / stat(pb, "time_hessian_s") if pb else np.nan,
+                    "passes_vs_per_block": stat(g["group"], "hessian_block_passes") / stat(pb, "hessian_block_passes")
+                    if pb else np.nan}
+            for m in [m for m in dict.fromkeys(summary["metric"]) if m.startswith(QUALITY)]:
+                d = back[(back["oac_group"] == g["group"]) & (back["metric"] == m)]
+                d_pb = back[(back["oac_group"] == pb) & (back["metric"] == m)] if pb else back.iloc[:0]
+                kept = (d["diff_mean"].iloc[0] / d_pb["diff_mean"].iloc[0]
+                        if len(d) and len(d_pb) and d_pb["diff_mean"].iloc[0] != 0 else np.nan)
+                out.append({**base, "metric": m, "mean": stat(g["group"], m), "std": stat(g["group"], m, "std"),
+                            "n_metric": int(stat(g["group"], m, "n")) if (g["group"], m) in stats.index else 0,
+                            "gain_kept": kept, "verdict_vs_backbone": d["verdict"].iloc[0] if len(d) else None,
+                            "backbone_mean": d["backbone_mean"].iloc[0] if len(d) else np.nan,
+                            "backbone_std": d["backbone_std"].iloc[0] if len(d) else np.nan})
+    return pd.DataFrame(out)
+
+
+def _f(v, fmt="{:.2f}") -> str:
+    return "—" if v is None or not math.isfinite(v) else fmt.format(v)
+
+
+def frontier_markdown(front: pd.DataFrame) -> list[str]:
+    if front.empty:
+        return []
+    metrics = list(dict.fromkeys(front["metric"]))
+    lines = ["## Refresh frontier: what the Hessian refresh costs and what it buys", "",
+             "Per family (configurations that differ only in `refresh`): Hessian phase = `time_s.calib_hessian` "
+             "(mean ± std over seeds; wall time on this machine, one thread), block passes = block "
+             "forward+backward passes computed (`hessian.stats.block_passes`, machine-independent; Ĥ reloaded from "
+             "the cache adds none), cost = Hessian-phase time relative to the family's per_block point. *kept*: the "
+             "share of per_block's mean paired log-gain over the layer-wise backbone that this schedule keeps (1 = "
+             "all, 0 = none, < 0 = worse than the backbone); verdicts vs the backbone are in the paired section.", ""]
+    for fam, sub in front.groupby("family", sort=False):
+        first = sub.iloc[0]
+        lines += [f"### {first['label'].split(' [')[0]} ({first['hessian']})", "",
+                  "| refresh | seeds | Hessian phase (s) | cost | block passes | "
+                  + " | ".join(metric_name(m) for m in metrics) + " | "
+                  + " | ".join(f"kept {metric_name(m)}" for m in metrics) + " |",
+                  "|---|---|---|---|---|" + "---|" * (2 * len(metrics))]
+        for g, rows in sub.groupby("group", sort=False):
+            by = rows.set_index("metric")
+            r = rows.iloc[0]
+            q = [_mean_std(by.loc[m, "mean"], by.loc[m, "std"], int(by.loc[m, "n_metric"])).rsplit(" (n=", 1)[0]
+                 if m in by.index else "—" for m in metrics]
+            kept = [_f(by.loc[m, "gain_kept"]) if m in by.index else "—" for m in metrics]
+            lines.append(f"| {r['refresh']} | {r['n']} | {_f(r['hessian_s'], '{:.0f}')}"
+                         + (f" ± {_f(r['hessian_s_std'], '{:.0f}')}" if r["n"] > 1 else "")
+                         + f" | {_f(r['cost_vs_per_block'])} | {_f(r['block_passes'], '{:.0f}')} | "
+                         + " | ".join(q) + " | " + " | ".join(kept) + " |")
+        bb = sub.drop_duplicates("metric").set_index("metric")
+        if bb["backbone_mean"].notna().any():
+            lines.append("| *layer-wise backbone* | | — | — | — | " + " | ".join(
+                _mean_std(bb.loc[m, "backbone_mean"], bb.loc[m, "backbone_std"], 3).rsplit(" (n=", 1)[0]
+                if m in bb.index and math.isfinite(bb.loc[m, "backbone_mean"]) else "—" for m in metrics)
+                + " |" + " |" * len(metrics))
+        lines.append("")
+    return lines
+
+
+def plot_frontier(front: pd.DataFrame, path: str | Path | None = None):
+    """Quality (rows: ppl, KL; columns: sets) against Hessian-phase time, error bars = std over seeds, one line per
+    family, the layer-wise backbone as a dashed line with its ± std band. Saves to ``path`` when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("ppl", "kl") if front["metric"].str.startswith(k + ":").any()]
+    sets = list(dict.fromkeys(m.split(":", 1)[1] for m in front["metric"]))
+    fig, axes = plt.subplots(len(kinds), len(sets), figsize=(5.2 * len(sets), 3.8 * len(kinds)), squeeze=False)
+    for i, kind in enumerate(kinds):
+        for j, ds in enumerate(sets):
+            ax = axes[i][j]
+            sub = front[front["metric"] == f"{kind}:{ds}"]
+            for fam, f in sub.groupby("family", sort=False):
+                name = f"{f.iloc[0]['label'].split(' [')[0]} ({f.iloc[0]['hessian']})"
+                ax.errorbar(f["hessian_s"], f["mean"], xerr=f["hessian_s_std"], yerr=f["std"], marker="o",
+                            capsize=3, label=name)
+                for _, r in f.iterrows():
+                    ax.annotate(r["refresh"], (r["hessian_s"], r["mean"]), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7)
+            bb = sub.dropna(subset=["backbone_mean"])
+            if len(bb):
+                m, s = bb["backbone_mean"].iloc[0], bb["backbone_std"].iloc[0]
+                ax.axhline(m, ls="--", color="grey", label="layer-wise backbone")
+                if math.isfinite(s):
+                    ax.axhspan(m - s, m + s, color="grey", alpha=0.15)
+            ax.set_xscale("log")
+            ax.set_xlabel("Hessian phase (s, log)")
+            ax.set_ylabel(f"{metric_name(f'{kind}:{ds}')} (mean ± std over seeds)")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
