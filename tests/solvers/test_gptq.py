@@ -169,7 +169,9 @@ def test_scale_invariance(kw):
     a = gptq.solve(W, H, GPTQConfig(**kw))
     b = gptq.solve(W, 1000 * H, GPTQConfig(**kw))
     assert_same(a.weight, b.weight)
-    assert b.stats["loss"] == pytest.approx(1000 * a.stats["loss"], rel=1e-4)
+    # the weights are exactly scale-invariant; the fp32 loss accumulator only up to the fp32 Cholesky's rounding,
+    # which depends on the CPU's kernels (act-order g64: 3.6e-4 relative on Intel Xeon AVX512, < 1e-4 on AMD EPYC)
+    assert b.stats["loss"] == pytest.approx(1000 * a.stats["loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(act_order=True), dict(groupsize=32), dict(groupsize=32, static_groups=True)])
