@@ -7,9 +7,10 @@ and once. Per configuration of a family with at least two schedules:
 * cost: the Hessian phase's time (``time_s.calib_hessian``, mean ± std over seeds), the block forward+backward
   passes computed (``hessian.stats.block_passes``; the machine-independent cost), both relative to the family's
   per_block point;
-* quality: perplexity and KL per set (mean ± std over seeds), and *gain kept*: the mean paired log-ratio of the
-  configuration vs its layer-wise backbone divided by per_block's (1 = all of per-block's gain, 0 = none,
-  negative = worse than the backbone), from the paired differences of experiments/seeds.py.
+* quality: perplexity and KL per set (mean ± std over seeds), and *gain kept*: over the calibration seeds complete
+  for the configuration, the family's per_block point and the layer-wise backbone, the mean of ln(config /
+  backbone) divided by the mean of ln(per_block / backbone) (1 = all of per-block's gain, 0 = none, negative =
+  worse than the backbone; jitter replicates are left out, they exist for some configurations only).
 
 :func:`plot_frontier` draws quality against Hessian-phase time with error bars (the notebook and the report).
 """
@@ -45,15 +46,30 @@ def frontier(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame) -> 
         if groups["refresh"].nunique() < 2:
             continue
         stats = summary[summary["group"].isin(groups["group"])].set_index(["group", "metric"])
-        back = pairs[(pairs["against"] == "backbone") & pairs["oac_group"].isin(groups["group"])] \
-            if not pairs.empty else pd.DataFrame(columns=["oac_group", "metric", "diff_mean", "verdict",
-                                                          "backbone_mean", "backbone_std"])
+        bb_groups = set(pairs[(pairs["against"] == "backbone") & pairs["oac_group"].isin(groups["group"])]
+                        ["backbone_group"]) if not pairs.empty else set()
+        bb = next(iter(sorted(bb_groups)), None)  # the layer-wise backbone of the family (one per pair key)
         pb = groups[groups["refresh"] == "per_block"]["group"]
         pb = pb.iloc[0] if len(pb) else None
+        seeds = runs[(runs["status"] == "complete") & runs["group"].isin({*groups["group"], bb})]
+        seeds = seeds[pd.to_numeric(seeds["jitter_seed"], errors="coerce").isna()] if "jitter_seed" in seeds else seeds
 
         def stat(g, m, k="mean"):
             return stats.loc[(g, m), k] if (g, m) in stats.index else float("nan")
 
+        def kept(g, m) -> float:
+            """mean over the seeds complete for g, per_block and the backbone of ln(g/bb), over the same for pb."""
+            if bb is None or pb is None or m not in seeds:
+                return np.nan
+            piv = seeds.assign(v=pd.to_numeric(seeds[m], errors="coerce")).pivot_table(
+                index="calib_seed", columns="group", values="v", aggfunc="first")
+            if not {g, pb, bb} <= set(piv.columns):
+                return np.nan
+            piv = np.log(piv[list(dict.fromkeys([g, pb, bb]))].dropna())
+            gain_pb = (piv[pb] - piv[bb]).mean()
+            return float((piv[g] - piv[bb]).mean() / gain_pb) if len(piv) and gain_pb != 0 else np.nan
+
+        bb_stats = summary[summary["group"] == bb].set_index("metric") if bb else pd.DataFrame()
         for _, g in groups.sort_values("refresh", key=lambda c: c.map(_refresh_rank)).iterrows():
             base = {"table": table, "family": fam, "group": g["group"], "label": g.get("label", g["method"]),
                     "method": g["method"], "hessian": g["hessian"], "refresh": g["refresh"],
@@ -63,17 +79,15 @@ def frontier(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame) -> 
                     "block_passes": stat(g["group"], "hessian_block_passes"),
                     "cost_vs_per_block": stat(g["group"], "time_hessian_s") / stat(pb, "time_hessian_s") if pb else np.nan,
                     "passes_vs_per_block": stat(g["group"], "hessian_block_passes") / stat(pb, "hessian_block_passes")
-                    if pb else np.nan}
+                    if pb else np.nan, "backbone_group": bb}
             for m in [m for m in dict.fromkeys(summary["metric"]) if m.startswith(QUALITY)]:
-                d = back[(back["oac_group"] == g["group"]) & (back["metric"] == m)]
-                d_pb = back[(back["oac_group"] == pb) & (back["metric"] == m)] if pb else back.iloc[:0]
-                kept = (d["diff_mean"].iloc[0] / d_pb["diff_mean"].iloc[0]
-                        if len(d) and len(d_pb) and d_pb["diff_mean"].iloc[0] != 0 else np.nan)
+                has_bb = m in bb_stats.index
                 out.append({**base, "metric": m, "mean": stat(g["group"], m), "std": stat(g["group"], m, "std"),
                             "n_metric": int(stat(g["group"], m, "n")) if (g["group"], m) in stats.index else 0,
-                            "gain_kept": kept, "verdict_vs_backbone": d["verdict"].iloc[0] if len(d) else None,
-                            "backbone_mean": d["backbone_mean"].iloc[0] if len(d) else np.nan,
-                            "backbone_std": d["backbone_std"].iloc[0] if len(d) else np.nan})
+                            "gain_kept": kept(g["group"], m),
+                            "backbone_mean": bb_stats.loc[m, "mean"] if has_bb else np.nan,
+                            "backbone_std": bb_stats.loc[m, "std"] if has_bb else np.nan,
+                            "backbone_n": int(bb_stats.loc[m, "n"]) if has_bb else 0})
     return pd.DataFrame(out)
 
 
@@ -112,7 +126,8 @@ def frontier_markdown(front: pd.DataFrame) -> list[str]:
         bb = sub.drop_duplicates("metric").set_index("metric")
         if bb["backbone_mean"].notna().any():
             lines.append("| *layer-wise backbone* | | — | — | — | " + " | ".join(
-                _mean_std(bb.loc[m, "backbone_mean"], bb.loc[m, "backbone_std"], 3).rsplit(" (n=", 1)[0]
+                _mean_std(bb.loc[m, "backbone_mean"], bb.loc[m, "backbone_std"], int(bb.loc[m, "backbone_n"])
+                          ).rsplit(" (n=", 1)[0]
                 if m in bb.index and math.isfinite(bb.loc[m, "backbone_mean"]) else "—" for m in metrics)
                 + " |" + " |" * len(metrics))
         lines.append("")
