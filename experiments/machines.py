@@ -66,6 +66,10 @@ def compare(a_root: str | Path, b_root: str | Path) -> tuple[pd.DataFrame, pd.Da
     return per_job, pd.DataFrame(spread)
 
 
+def _pct(sd_log: float) -> str:
+    return "—" if not math.isfinite(sd_log) else f"{100 * sd_log:.1f}%"
+
+
 def markdown(per_job: pd.DataFrame, spread: pd.DataFrame, a_root, b_root) -> str:
     if per_job.empty:
         return "# Cross-machine comparison\n\nNo job is complete on both sides.\n"
@@ -82,7 +86,7 @@ def markdown(per_job: pd.DataFrame, spread: pd.DataFrame, a_root, b_root) -> str
         ratio = r["rms_log_ratio"] / r["seed_sd_log"] if r["seed_sd_log"] and math.isfinite(r["seed_sd_log"]) else float("nan")
         lines.append(f"| {metric_name(r['metric'])} | {r['n_jobs']} | {r['n_identical']} | "
                      f"{100 * (math.exp(r['rms_log_ratio']) - 1):.1f}% | {100 * (math.exp(r['max_abs_log_ratio']) - 1):.1f}% | "
-                     f"{100 * r['seed_sd_log']:.1f}% | {'—' if not math.isfinite(ratio) else f'{ratio:.2f}'} |")
+                     f"{_pct(r['seed_sd_log'])} | {'—' if not math.isfinite(ratio) else f'{ratio:.2f}'} |")
     lines += ["", "## Per job", "", "| job | metric | A | B | Δ |", "|---|---|---|---|---|"]
     for _, r in per_job.sort_values(["method", "replicate", "metric"]).iterrows():
         lines.append(f"| {r['method']} {r['replicate']} | {metric_name(r['metric'])} | {r['a']:.4g} | {r['b']:.4g} | "
