@@ -152,7 +152,7 @@ def run_job(cfg: DictConfig, out_dir: str | os.PathLike, overrides: list[str] | 
         log.info("skipped: complete (%s)", out_dir)
         return {**done, "skipped": True}
     if cfg.get("reuse_results", True) and cfg.get("skip_complete", True) and \
-            (done := job.reuse(cfg.paths.output_dir, overrides)) is not None:
+            (done := job.reuse([cfg.paths.output_dir, *(cfg.get("reuse_roots") or [])], overrides)) is not None:
         log.info("reused: the same configuration up to tag, complete in %s (reuse_results=false recomputes)",
                  done["reused_from"]["job_dir"])
         return {**done, "skipped": True}

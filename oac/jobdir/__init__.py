@@ -39,12 +39,12 @@ class JobDir:
         """The result of an earlier complete run of the same config (the job is then skipped)."""
         return completed_result(self.cfg, self.path)
 
-    def reuse(self, root: str | os.PathLike, overrides: list[str] | None = None) -> dict | None:
-        """Copy a complete result of the same configuration up to ``tag`` found under ``root`` (reuse.py), under
-        the lock; None when there is none."""
+    def reuse(self, roots: list[str | os.PathLike], overrides: list[str] | None = None) -> dict | None:
+        """Copy a complete result of the same configuration up to ``tag`` found under the first of ``roots`` that
+        has one (reuse.py), under the lock; None when there is none."""
         from oac.jobdir.reuse import find_reusable, reused_copy
 
-        found = find_reusable(self.cfg, self.path, root)
+        found = next((f for root in roots if (f := find_reusable(self.cfg, self.path, root)) is not None), None)
         if found is None:
             return None
         result = reused_copy(self.cfg, *found, overrides)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 # (oac.jobdir.record.missing_metrics), so it needs no place in the hash.
 VOLATILE_KEYS = ("hydra", "paths.output_dir", "paths.cache_dir", "paths.verify_data", "checkpoint", "skip_complete",
                  "threads", "logger", "oac_cache_dir", "method.oac.cache_dir", "save_format", "eval.kl",
-                 "reuse_results")
+                 "reuse_results", "reuse_roots")
 # keys added after results were committed: they enter the hash only when set, so older jobs keep their hash
 DEFAULT_KEYS = {"jitter_seed": None, "eval.ppl.max_tokens": None}
 

@@ -2,8 +2,9 @@
 
 A sweep's ``tag`` names a table; it never changes a number, but it is part of ``config_hash`` (the committed
 hashes keep it). Several tables share configurations (hessians_cpu and oac_frontier_cpu contain main_cpu's
-SpQR and OAC-SpQR jobs), so a job first looks under ``paths.output_dir`` for a complete ``result.json`` whose
-config equals its own up to ``tag`` (:func:`oac.jobdir.identity.content_hash`) and was computed in the same
+SpQR and OAC-SpQR jobs), so a job first looks under ``paths.output_dir``, then under each of ``reuse_roots``
+(default ``results/raw``: the committed results, so a sweep split across fresh clones resumes) for a complete
+``result.json`` whose config equals its own up to ``tag`` (:func:`oac.jobdir.identity.content_hash`) and was computed in the same
 floating-point environment (CPU model and dispatch level, thread count, torch build and version, GPU name:
 the keys that move last bits, oac/environment.py). Its result is copied with this job's tag, config, hash and
 overrides, and ``reused_from`` naming the original job (its directory, tag and hash). Nothing is recomputed,

@@ -39,3 +39,19 @@ def test_another_config_or_another_thread_count_is_not_reused(compose, tmp_path,
     path.write_text(json.dumps(r))
     again = run_job(compose(*TINY, "tag=table_c"), tmp_path / "table_c" / "job")
     assert not again.get("skipped") and "reused_from" not in again
+
+
+def test_a_committed_result_under_reuse_roots_is_reused_by_a_fresh_output_dir(compose, tmp_path, single_thread):
+    """A new clone has no outputs/ but has results/raw: a split sweep resumes from what was committed."""
+    committed = tmp_path / "results" / "raw" / "table_a" / "job"
+    first = run_job(compose(*TINY, "tag=table_a"), committed)
+    roots = f"reuse_roots=[{tmp_path / 'results' / 'raw'}]"
+    cfg = compose(*TINY, "tag=table_a", f"paths.output_dir={tmp_path / 'outputs'}", roots)
+    again = run_job(cfg, tmp_path / "outputs" / "table_a" / "job")
+    assert again.get("skipped") and again["reused_from"]["job_dir"] == str(committed)
+    assert again["ppl"] == first["ppl"] and again["config_hash"] == first["config_hash"]
+    assert config_hash(cfg) == config_hash(compose(*TINY, "tag=table_a", "reuse_roots=[]"))
+    # without the committed root nothing is found: recomputed
+    fresh = run_job(compose(*TINY, "tag=table_a", f"paths.output_dir={tmp_path / 'outputs2'}", "reuse_roots=[]"),
+                    tmp_path / "outputs2" / "table_a" / "job")
+    assert not fresh.get("skipped") and fresh["ppl"] == first["ppl"]
