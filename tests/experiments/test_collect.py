@@ -1,0 +1,27 @@
+"""experiments.collect copies complete results only and refuses to replace a committed job's configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.collect import collect
+
+
+def _job(root, name, status, h):
+    (root / name).mkdir(parents=True)
+    (root / name / "result.json").write_text(json.dumps({"status": status, "config_hash": h}))
+
+
+def test_only_complete_results_are_copied_and_a_changed_hash_is_refused(tmp_path):
+    src, dst = tmp_path / "outputs" / "t", tmp_path / "raw" / "t"
+    _job(src, "a", "complete", "h1")
+    _job(src, "b", "running", "h2")
+    _job(src, "c", "failed", "h3")
+    assert collect(src, dst) == (1, 2)
+    assert [p.name for p in dst.iterdir()] == ["a"]
+    assert collect(src, dst) == (1, 2)  # idempotent
+    (src / "a" / "result.json").write_text(json.dumps({"status": "complete", "config_hash": "other"}))
+    with pytest.raises(SystemExit, match="config_hash h1"):
+        collect(src, dst)
