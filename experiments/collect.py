@@ -3,7 +3,8 @@
     python -m experiments.collect outputs/main_cpu results/raw/main_cpu
 
 Only ``status: complete`` results are copied (a running or failed job stays in outputs/); an existing copy is
-replaced only by a result of the same ``config_hash``, so a table never silently changes configuration. The
+replaced only by a result of the same ``config_hash``, so a table never silently changes configuration, and never
+by a copy (``reused_from``: on a fresh clone a job may be copied from this very tree), so the original stays. The
 committed tree is what ``experiments.report --outputs`` reads and what ``reuse_roots`` resumes from on a fresh
 clone (oac/jobdir/reuse.py).
 """
@@ -21,7 +22,8 @@ log = logging.getLogger("experiments.collect")
 
 
 def collect(src: Path, dst: Path) -> tuple[int, int]:
-    """Copy every complete ``src/<job>/result.json`` to ``dst/<job>/``; returns (copied, skipped)."""
+    """Copy every complete ``src/<job>/result.json`` to ``dst/<job>/``; returns (copied, skipped): skipped = not
+    complete, or a copy where the original is committed."""
     copied = skipped = 0
     for path in sorted(src.glob(f"*/{RESULT_FILE}")):
         r = read_result(path)
@@ -33,6 +35,9 @@ def collect(src: Path, dst: Path) -> tuple[int, int]:
         if old and old.get("config_hash") != r.get("config_hash"):
             raise SystemExit(f"{target}: committed with config_hash {old.get('config_hash')}, "
                              f"{path} has {r.get('config_hash')}: move the old table away first")
+        if old and old.get("status") == "complete" and not old.get("reused_from") and r.get("reused_from"):
+            skipped += 1  # the committed original beats a copy of it (or of its twin)
+            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
         copied += 1
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     copied, skipped = collect(args.src, args.dst)
-    log.info("%d complete result(s) copied to %s, %d not complete left out", copied, args.dst, skipped)
+    log.info("%d complete result(s) copied to %s, %d left out (not complete, or a copy of a committed original)", copied, args.dst, skipped)
 
 
 if __name__ == "__main__":
