@@ -139,8 +139,12 @@ def test_products_coincide_for_one_token():
     ad, ids = tiny_llama(), ids_for(4, 2)
     Hs, _ = block_hessians(ad, ids, 1, product="sequence")
     Ht, _ = block_hessians(ad, ids, 1, product="token")
+    # k_proj's Ĥ is 0 in exact arithmetic (softmax over one key has no gradient in k): exactly 0 or a rounding
+    # residue depending on the CPU's kernels, so a near-zero H is measured against the block's largest H
+    largest = max(float(H.double().norm()) for H in Hs.values())
     for n in Hs:
-        assert rel(Ht[n], Hs[n]) < 1e-6, n
+        a, b = Ht[n].double(), Hs[n].double()
+        assert float((a - b).norm()) <= 1e-6 * max(float(b.norm()), 1e-6 * largest), n
 
 
 # ------------------------------------------------------------------------------------ (b)
