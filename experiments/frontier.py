@@ -4,9 +4,10 @@ A *family* is a set of configurations that differ only in how often the source r
 (``refresh`` = per_block | every r | once; ``oac.rows.family_key``), e.g. OAC-SpQR w2 at per_block, every 2, 4, 8
 and once. Per configuration of a family with at least two schedules:
 
-* cost: the Hessian phase's time (``time_s.calib_hessian``, mean ± std over seeds), the block forward+backward
-  passes computed (``hessian.stats.block_passes``; the machine-independent cost), both relative to the family's
-  per_block point;
+* cost: what the job's Hessians cost to compute (``oac.rows.hessian_cost``: the Hessian phase's time and block
+  forward+backward passes, plus, for Ĥ reloaded from the cache, the cost recorded when they were computed; mean
+  ± std over seeds), relative to the family's per_block point. Where a reloaded Ĥ has no recorded cost the
+  figures are lower bounds, marked ≥ (``lower_bound``): a reload is never shown as the cost;
 * quality: perplexity and KL per set (mean ± std over seeds), and *gain kept*: over the calibration seeds complete
   for the configuration, the family's per_block point and the layer-wise backbone, the mean of ln(config /
   backbone) divided by the mean of ln(per_block / backbone) (1 = all of per-block's gain, 0 = none, negative =
@@ -27,6 +28,7 @@ from experiments.seeds import _mean_std, metric_name
 
 QUALITY = ("ppl:", "kl:")
 ORDER = {"per_block": 0, "once": 10_000}  # every<r>: r
+COST_S, COST_PASSES = "hessian_cost_s", "hessian_cost_passes"  # oac.rows.hessian_cost
 
 
 def _refresh_rank(r: str | None) -> int:
@@ -73,12 +75,13 @@ def frontier(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame) -> 
         for _, g in groups.sort_values("refresh", key=lambda c: c.map(_refresh_rank)).iterrows():
             base = {"table": table, "family": fam, "group": g["group"], "label": g.get("label", g["method"]),
                     "method": g["method"], "hessian": g["hessian"], "refresh": g["refresh"],
-                    "n": int(stat(g["group"], "time_hessian_s", "n")) if (g["group"], "time_hessian_s") in stats.index
-                    else 0,
-                    "hessian_s": stat(g["group"], "time_hessian_s"), "hessian_s_std": stat(g["group"], "time_hessian_s", "std"),
-                    "block_passes": stat(g["group"], "hessian_block_passes"),
-                    "cost_vs_per_block": stat(g["group"], "time_hessian_s") / stat(pb, "time_hessian_s") if pb else np.nan,
-                    "passes_vs_per_block": stat(g["group"], "hessian_block_passes") / stat(pb, "hessian_block_passes")
+                    "n": int((seeds["group"] == g["group"]).sum()),
+                    "lower_bound": bool((done.loc[done["group"] == g["group"], "hessian_cost_exact"] == False).any())  # noqa: E712
+                    if "hessian_cost_exact" in done else False,
+                    "hessian_s": stat(g["group"], COST_S), "hessian_s_std": stat(g["group"], COST_S, "std"),
+                    "block_passes": stat(g["group"], COST_PASSES),
+                    "cost_vs_per_block": stat(g["group"], COST_S) / stat(pb, COST_S) if pb else np.nan,
+                    "passes_vs_per_block": stat(g["group"], COST_PASSES) / stat(pb, COST_PASSES)
                     if pb else np.nan, "backbone_group": bb}
             for m in [m for m in dict.fromkeys(summary["metric"]) if m.startswith(QUALITY)]:
                 has_bb = m in bb_stats.index
@@ -100,10 +103,13 @@ def frontier_markdown(front: pd.DataFrame) -> list[str]:
         return []
     metrics = list(dict.fromkeys(front["metric"]))
     lines = ["## Refresh frontier: what the Hessian refresh costs and what it buys", "",
-             "Per family (configurations that differ only in `refresh`): Hessian phase = `time_s.calib_hessian` "
-             "(mean ± std over seeds; wall time on this machine, one thread), block passes = block "
-             "forward+backward passes computed (`hessian.stats.block_passes`, machine-independent; Ĥ reloaded from "
-             "the cache adds none), cost = Hessian-phase time relative to the family's per_block point. *kept*: the "
+             "Per family (configurations that differ only in `refresh`): Hessian phase = what the job's Hessians "
+             "cost to compute (`time_s.calib_hessian`, mean ± std over seeds; wall time, one thread), block passes "
+             "= block forward+backward passes (`hessian.stats.block_passes`, machine-independent). Ĥ reloaded from "
+             "the cache count at the cost recorded when they were computed (`hessian.stats.cached_*`); ≥: a lower "
+             "bound, some job of the row reloaded Ĥ whose cost was not recorded (cache entries from before it was). "
+             "cost = Hessian-phase time relative to the "
+             "family's per_block point. *kept*: the "
              "share of per_block's mean paired log-gain over the layer-wise backbone that this schedule keeps (1 = "
              "all, 0 = none, < 0 = worse than the backbone); verdicts vs the backbone are in the paired section.", ""]
     for fam, sub in front.groupby("family", sort=False):
@@ -119,9 +125,10 @@ def frontier_markdown(front: pd.DataFrame) -> list[str]:
             q = [_mean_std(by.loc[m, "mean"], by.loc[m, "std"], int(by.loc[m, "n_metric"])).rsplit(" (n=", 1)[0]
                  if m in by.index else "—" for m in metrics]
             kept = [_f(by.loc[m, "gain_kept"]) if m in by.index else "—" for m in metrics]
-            lines.append(f"| {r['refresh']} | {r['n']} | {_f(r['hessian_s'], '{:.0f}')}"
+            ge = "≥ " if r["lower_bound"] else ""
+            lines.append(f"| {r['refresh']} | {r['n']} | {ge}{_f(r['hessian_s'], '{:.0f}')}"
                          + (f" ± {_f(r['hessian_s_std'], '{:.0f}')}" if r["n"] > 1 else "")
-                         + f" | {_f(r['cost_vs_per_block'])} | {_f(r['block_passes'], '{:.0f}')} | "
+                         + f" | {_f(r['cost_vs_per_block'])} | {ge}{_f(r['block_passes'], '{:.0f}')} | "
                          + " | ".join(q) + " | " + " | ".join(kept) + " |")
         bb = sub.drop_duplicates("metric").set_index("metric")
         if bb["backbone_mean"].notna().any():
@@ -154,7 +161,8 @@ def plot_frontier(front: pd.DataFrame, path: str | Path | None = None):
                 ax.errorbar(f["hessian_s"], f["mean"], xerr=f["hessian_s_std"], yerr=f["std"], marker="o",
                             capsize=3, label=name)
                 for _, r in f.iterrows():
-                    ax.annotate(r["refresh"], (r["hessian_s"], r["mean"]), textcoords="offset points",
+                    ax.annotate(("≥ " if r.get("lower_bound") else "") + r["refresh"], (r["hessian_s"], r["mean"]),
+                                textcoords="offset points",
                                 xytext=(4, 4), fontsize=7)
             bb = sub.dropna(subset=["backbone_mean"])
             if len(bb):

@@ -31,7 +31,9 @@ import pandas as pd
 from oac.rows import BITS
 
 TIMES = ["time_quantize_s", "time_hessian_s", "time_total_s"]
-COSTS = ["hessian_block_passes", "hessian_pass_gb", "peak_rss_gb", "peak_cuda_gb"]  # the Hessian phase's work, memory
+# the Hessian phase's work and memory; hessian_cost_*: with the recorded cost of Ĥ reloaded from the cache
+COSTS = ["hessian_block_passes", "hessian_cost_s", "hessian_cost_passes", "hessian_pass_gb", "peak_rss_gb",
+         "peak_cuda_gb"]
 QUALITY = ("ppl:", "kl:", "top1:", "zs:")
 HIGHER_IS_BETTER = ("zs:", "top1:")
 LOG_SCALE = ("ppl:", "kl:")  # paired as log-ratios: their spread grows with their level

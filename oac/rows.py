@@ -69,6 +69,7 @@ def result_row(result: dict, job_dir: str | Path | None = None) -> dict:
     # Ĥ reloaded from oac_cache_dir for this many blocks (passes): the Hessian time is then not its cost
     row["hessian_cache_hits"] = _get(result, "hessian.stats.cache_hits")
     row["hessian_cache_misses"] = _get(result, "hessian.stats.cache_misses")
+    row["hessian_cost_s"], row["hessian_cost_passes"], row["hessian_cost_exact"] = hessian_cost(result)
     row["config_hash"] = result.get("config_hash") or (config_hash(cfg) if cfg else None)
     row["group"] = group_key(cfg) if cfg else row["config_hash"]
     row["pair"] = pair_key(cfg) if cfg else row["config_hash"]
@@ -163,3 +164,20 @@ def family_key(cfg: dict) -> str:
             method[k].pop("refresh", None)
             method[k].pop("refresh_every", None)
     return config_hash(cfg)
+
+
+def hessian_cost(result: dict) -> tuple[float | None, float | None, bool]:
+    """What this job's Hessians cost to compute: (seconds, block forward+backward passes, exact).
+
+    The Hessian phase's time and passes, plus, for Ĥ reloaded from the cache, what computing them cost
+    (``hessian.stats.cached_*``, recorded with the cache entry). Where a reloaded entry's cost was not recorded
+    (entries from before costs were kept) the job's own figures are returned as a lower bound, exact = False:
+    a reload is never passed off as the cost of its Hessians.
+    """
+    t = (result.get("time_s") or {}).get("calib_hessian")
+    stats = _get(result, "hessian.stats") or {}
+    passes = stats.get("block_passes")
+    if not stats.get("cache_hits") or t is None or passes is None:
+        return t, passes, True
+    t, passes = t + stats.get("cached_time_s", 0.0), passes + stats.get("cached_block_passes", 0)
+    return t, passes, not stats.get("cached_cost_unknown", 1)

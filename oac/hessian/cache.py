@@ -11,6 +11,10 @@ exact (the same numbers as recomputing on the same device/software):
   differently, so Ĥ is reused only when all blocks < s were quantized identically (a rerun, a resume).
 
 An entry that cannot be read is moved aside (``oac.io.quarantine``) and recomputed.
+
+Beside the tensors, ``<key>.cost.json`` records what computing the entry cost (block forward+backward passes,
+head passes, seconds, on the machine that computed it), so a job that reloads Ĥ can still report the cost of its
+Hessians (``hessian.stats.cached_*``) and a refresh frontier never shows a reloaded Ĥ as free.
 """
 
 from __future__ import annotations
@@ -66,6 +70,20 @@ class HessianCache:
         for j, H in result.items():
             tensors = {n: h.detach().cpu() for n, h in H.items()}
             atomic_write(self.path(key, j), lambda tmp: torch.save(tensors, tmp))
+
+
+    def cost_path(self, key: str) -> Path:
+        return self.dir / f"{key}.cost.json"
+
+    def save_cost(self, key: str, cost: dict) -> None:
+        atomic_write(self.cost_path(key), lambda tmp: Path(tmp).write_text(json.dumps(cost, sort_keys=True)))
+
+    def cost(self, key: str) -> dict | None:
+        """What computing entry ``key`` cost, or None (an entry from before costs were recorded, or unreadable)."""
+        try:
+            return json.loads(self.cost_path(key).read_text())
+        except (OSError, ValueError):
+            return None
 
 
 def tensor_digest(t: Tensor) -> str:

@@ -111,6 +111,12 @@ class GradientHessian:
             "overflow_retries": 0,
             "cache_hits": 0,
             "cache_misses": 0,
+            # what the Ĥ reloaded from the cache cost when they were computed (HessianCache.cost); a reloaded
+            # entry without a recorded cost counts in cached_cost_unknown
+            "cached_block_passes": 0,
+            "cached_head_passes": 0,
+            "cached_time_s": 0.0,
+            "cached_cost_unknown": 0,
             "time_fwd_bwd_s": 0.0,  # forward (hooks only keep references) + loss + autograd.grad
             "time_products_s": 0.0,  # fp32 casts and Hessian products
             "time_total_s": 0.0,  # everything inside hessians()
@@ -198,10 +204,18 @@ class GradientHessian:
         if cache:
             self.stats["cache_hits" if result is not None else "cache_misses"] += 1
         if result is not None:
+            cost = cache.cost(key)
+            if cost is None:
+                self.stats["cached_cost_unknown"] += 1
+            else:
+                self.stats["cached_block_passes"] += cost["block_passes"]
+                self.stats["cached_head_passes"] += cost["head_passes"]
+                self.stats["cached_time_s"] += cost["time_s"]
             self._note_memory(result)
             for j in targets:
                 self._keep(k, j, result[j], key)
             return
+        t0, bp0, hp0 = time.perf_counter(), self.stats["block_passes"], self.stats["head_passes"]
         chunks = self._chunks(ctx, targets)
         self.stats["passes"] += len(chunks) - 1
         for chunk in chunks:
@@ -212,6 +226,10 @@ class GradientHessian:
             for j in chunk:
                 self._keep(k, j, part[j], key)
             del part
+        if key:
+            cache.save_cost(key, {"block_passes": self.stats["block_passes"] - bp0,
+                                  "head_passes": self.stats["head_passes"] - hp0,
+                                  "time_s": time.perf_counter() - t0})
 
     def _keep(self, k: int, j: int, H: dict[str, Tensor], key: str | None) -> None:
         """Block k's Hessians stay where they are; a later block's go to host RAM, or, with a cache, stay on disk

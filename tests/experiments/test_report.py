@@ -237,6 +237,23 @@ def test_frontier_gain_kept_cost_and_pairs_against_per_block_oac(tmp_path):
     assert by.loc["per_block", "gain_kept"] == pytest.approx(1.0) and by.loc["once", "gain_kept"] == pytest.approx(0.0, abs=1e-2)
     assert by.loc["every4", "gain_kept"] == pytest.approx(math.log(0.9) / math.log(0.8), rel=1e-2)
     assert by.loc["every4", "cost_vs_per_block"] == pytest.approx(0.25) and by.loc["every4", "block_passes"] == 250
+    # Ĥ reloaded from the cache: the frontier counts the cost recorded with the entry; where that cost is unknown
+    # it shows the job's own figures marked as a lower bound (≥), never as the cost
+    for name, cached, unknown in (("every4", {"cached_block_passes": 250, "cached_time_s": 248.0}, 0),
+                                  ("once", {}, 1)):
+        for s in bb:
+            f = out / f"oac_{name}/{s}" / "result.json"
+            r = json.loads(f.read_text())
+            r["hessian"]["stats"] = {"block_passes": 0, "cache_hits": 1, "cache_misses": 0,
+                                     "cached_cost_unknown": unknown, **cached}
+            r["time_s"]["calib_hessian"] = 2.0
+            write_json_atomic(f, r)
+    report(out, results)
+    by = pd.read_csv(results / "main_frontier.csv").set_index("refresh")
+    assert by.loc["every4", "hessian_s"] == pytest.approx(250.0) and by.loc["every4", "block_passes"] == 250
+    assert not by.loc["every4", "lower_bound"] and by.loc["once", "lower_bound"]
+    assert by.loc["once", "hessian_s"] == pytest.approx(2.0)  # the reload's own time, shown as a lower bound
+    assert "| once | 3 | ≥ 2 ± 0 |" in (results / "main.md").read_text()
     pairs = pd.read_csv(results / "main_paired.csv")
     ref = pairs[pairs["against"] == "oac_per_block"]
     assert set(ref["method"]) == {"oac_spqr", "guided_spqr"} and len(ref) == 3  # every4, once, guided vs per_block

@@ -253,6 +253,10 @@ def test_hessian_cache(tmp_path):
     b, s2 = _hessians_after("rtn", "per_block", ids, cache_dir=str(tmp_path))
     assert s2.stats["cache_hits"] == 3 and s2.stats["block_passes"] == 0
     assert all(torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
+    # a reload carries what computing the entries cost: the same passes, and time of the same order
+    assert s1.stats["cached_block_passes"] == 0 and s2.stats["cached_block_passes"] == s1.stats["block_passes"] > 0
+    assert s2.stats["cached_cost_unknown"] == 0 and s2.stats["cached_head_passes"] == s1.stats["head_passes"]
+    assert 0 < s2.stats["cached_time_s"] <= s1.stats["time_total_s"]
     # block 0 quantized differently: only block 0's Ĥ (which precedes any quantization) is reused
     _, s3 = _hessians_after("identity", "per_block", ids, cache_dir=str(tmp_path))
     assert s3.stats["cache_hits"] == 1 and s3.stats["cache_misses"] == 2
@@ -260,6 +264,12 @@ def test_hessian_cache(tmp_path):
     _hessians_after("rtn", "once", ids, cache_dir=str(tmp_path))
     _, s4 = _hessians_after("identity", "once", ids, cache_dir=str(tmp_path))
     assert s4.stats["cache_hits"] == 1 and s4.stats["block_passes"] == 0
+    assert s4.stats["cached_block_passes"] == 4 * 3  # 4 windows through blocks 0..2
+    # an entry without a recorded cost (from before costs were kept) is counted as unknown, not as free
+    for f in tmp_path.glob("oac_hessian/*.cost.json"):
+        f.unlink()
+    _, s5 = _hessians_after("identity", "once", ids, cache_dir=str(tmp_path))
+    assert s5.stats["cache_hits"] == 1 and s5.stats["cached_cost_unknown"] == 1 and s5.stats["cached_time_s"] == 0
 
 
 # ------------------------------------------------------------------------------------ (e) end-to-end
