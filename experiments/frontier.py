@@ -76,8 +76,8 @@ def frontier(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame) -> 
             base = {"table": table, "family": fam, "group": g["group"], "label": g.get("label", g["method"]),
                     "method": g["method"], "hessian": g["hessian"], "refresh": g["refresh"],
                     "n": int((seeds["group"] == g["group"]).sum()),
-                    "lower_bound": bool((done.loc[done["group"] == g["group"], "hessian_cost_exact"] == False).any())  # noqa: E712
-                    if "hessian_cost_exact" in done else False,
+                    "lower_bound": "hessian_cost_exact" in done and not done.loc[
+                        done["group"] == g["group"], "hessian_cost_exact"].fillna(True).astype(bool).all(),
                     "hessian_s": stat(g["group"], COST_S), "hessian_s_std": stat(g["group"], COST_S, "std"),
                     "block_passes": stat(g["group"], COST_PASSES),
                     "cost_vs_per_block": stat(g["group"], COST_S) / stat(pb, COST_S) if pb else np.nan,

@@ -71,7 +71,6 @@ class HessianCache:
             tensors = {n: h.detach().cpu() for n, h in H.items()}
             atomic_write(self.path(key, j), lambda tmp: torch.save(tensors, tmp))
 
-
     def cost_path(self, key: str) -> Path:
         return self.dir / f"{key}.cost.json"
 
