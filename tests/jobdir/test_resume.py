@@ -29,6 +29,18 @@ def test_config_hash_ignores_volatile_keys(compose):
     assert config_hash(a) != config_hash(compose(*JOB, "calib.seed=1"))
 
 
+@pytest.mark.parametrize("method,option", [("oac_gptq", "oac"), ("guided_gptq", "guided")])
+def test_a_hessian_sources_cache_dir_is_not_part_of_the_identity(compose, method, option):
+    """Where a source keeps its cached Hessians never changes a number: the same job with another cache path
+    must be skipped, resumed and reused as the same job (the guided source once lacked this)."""
+    base = compose("model=stories260k", f"method={method}")
+    moved = compose("model=stories260k", f"method={method}", f"method.{option}.cache_dir=/elsewhere/cache")
+    assert moved.method[option].cache_dir == "/elsewhere/cache"
+    assert config_hash(base) == config_hash(moved)
+    assert config_hash(base) != config_hash(compose("model=stories260k", f"method={method}",
+                                                    f"method.{option}.seed=1"))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, shared_dir):
     """An uninterrupted job with save=true."""
