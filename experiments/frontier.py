@@ -14,6 +14,9 @@ and once. Per configuration of a family with at least two schedules:
   worse than the backbone; jitter replicates are left out, they exist for some configurations only).
 
 :func:`plot_frontier` draws quality against Hessian-phase time with error bars (the notebook and the report).
+A family whose rows (or backbone) were computed in more than one floating-point environment (another CPU, dispatch
+level or thread count: ``environment`` in result.json) names each row's machines, in the table and on the plot:
+its times are then not comparable, and 2-bit results move across machines (experiments/machines.py).
 """
 
 from __future__ import annotations
@@ -76,13 +79,15 @@ def frontier(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame) -> 
             base = {"table": table, "family": fam, "group": g["group"], "label": g.get("label", g["method"]),
                     "method": g["method"], "hessian": g["hessian"], "refresh": g["refresh"],
                     "n": int((seeds["group"] == g["group"]).sum()),
+                    "environments": _environments(seeds, g["group"]),
                     "lower_bound": "hessian_cost_exact" in done and not done.loc[
                         done["group"] == g["group"], "hessian_cost_exact"].fillna(True).astype(bool).all(),
                     "hessian_s": stat(g["group"], COST_S), "hessian_s_std": stat(g["group"], COST_S, "std"),
                     "block_passes": stat(g["group"], COST_PASSES),
                     "cost_vs_per_block": stat(g["group"], COST_S) / stat(pb, COST_S) if pb else np.nan,
                     "passes_vs_per_block": stat(g["group"], COST_PASSES) / stat(pb, COST_PASSES)
-                    if pb else np.nan, "backbone_group": bb}
+                    if pb else np.nan, "backbone_group": bb,
+                    "backbone_environments": _environments(seeds, bb)}
             for m in [m for m in dict.fromkeys(summary["metric"]) if m.startswith(QUALITY)]:
                 has_bb = m in bb_stats.index
                 out.append({**base, "metric": m, "mean": stat(g["group"], m), "std": stat(g["group"], m, "std"),
@@ -92,6 +97,26 @@ def frontier(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame) -> 
                             "backbone_std": bb_stats.loc[m, "std"] if has_bb else np.nan,
                             "backbone_n": int(bb_stats.loc[m, "n"]) if has_bb else 0})
     return pd.DataFrame(out)
+
+
+def _environments(runs: pd.DataFrame, group) -> str:
+    """The floating-point environments (oac.environment.summary) of a configuration's runs, ``; ``-joined."""
+    if "environment" not in runs:
+        return ""
+    return "; ".join(sorted(runs.loc[runs["group"] == group, "environment"].dropna().astype(str).unique()))
+
+
+def machine_letters(family: pd.DataFrame) -> dict[str, str]:
+    """{environment: "A", ...} over a family's rows and its backbone when they span > 1 environment, else {}."""
+    if "environments" not in family:
+        return {}
+    envs = sorted({e for v in [*family["environments"], *family["backbone_environments"]]
+                   for e in str(v).split("; ") if e and e != "nan"})
+    return {e: chr(65 + i) for i, e in enumerate(envs)} if len(envs) > 1 else {}
+
+
+def _machines(envs, letter: dict[str, str]) -> str:
+    return ",".join(letter[e] for e in str(envs).split("; ") if e in letter)
 
 
 def _f(v, fmt="{:.2f}") -> str:
@@ -114,11 +139,24 @@ def frontier_markdown(front: pd.DataFrame) -> list[str]:
              "all, 0 = none, < 0 = worse than the backbone); verdicts vs the backbone are in the paired section.", ""]
     for fam, sub in front.groupby("family", sort=False):
         first = sub.iloc[0]
-        lines += [f"### {first['label'].split(' [')[0]} ({first['hessian']})", "",
-                  "| refresh | seeds | Hessian phase (s) | cost | block passes | "
+        letter = machine_letters(sub)
+        mixed = bool(letter)
+        lines += [f"### {first['label'].split(' [')[0]} ({first['hessian']})", ""]
+        if mixed:  # each row names its machines: times, and paired differences across them, are not like for like
+            lines += ["**This family mixes floating-point environments** (column *machine*): "
+                      + "; ".join(f"{v} = {e}" for e, v in letter.items()) + ". Hessian-phase times "
+                      "of different machines are not comparable (block passes are), and *kept* and the paired "
+                      "verdicts of rows on different machines include the cross-machine difference of 2-bit "
+                      "results (experiments/machines.py measures it).", ""]
+
+        def machine(v) -> str:
+            return _machines(v, letter)
+
+        lines += ["| refresh | seeds | " + ("machine | " if mixed else "")
+                  + "Hessian phase (s) | cost | block passes | "
                   + " | ".join(metric_name(m) for m in metrics) + " | "
                   + " | ".join(f"kept {metric_name(m)}" for m in metrics) + " |",
-                  "|---|---|---|---|---|" + "---|" * (2 * len(metrics))]
+                  "|---|---|---|---|---|" + ("---|" if mixed else "") + "---|" * (2 * len(metrics))]
         for g, rows in sub.groupby("group", sort=False):
             by = rows.set_index("metric")
             r = rows.iloc[0]
@@ -126,13 +164,16 @@ def frontier_markdown(front: pd.DataFrame) -> list[str]:
                  if m in by.index else "—" for m in metrics]
             kept = [_f(by.loc[m, "gain_kept"]) if m in by.index else "—" for m in metrics]
             ge = "≥ " if r["lower_bound"] else ""
-            lines.append(f"| {r['refresh']} | {r['n']} | {ge}{_f(r['hessian_s'], '{:.0f}')}"
+            lines.append(f"| {r['refresh']} | {r['n']} | " + (f"{machine(r['environments'])} | " if mixed else "")
+                         + f"{ge}{_f(r['hessian_s'], '{:.0f}')}"
                          + (f" ± {_f(r['hessian_s_std'], '{:.0f}')}" if r["n"] > 1 else "")
                          + f" | {_f(r['cost_vs_per_block'])} | {ge}{_f(r['block_passes'], '{:.0f}')} | "
                          + " | ".join(q) + " | " + " | ".join(kept) + " |")
         bb = sub.drop_duplicates("metric").set_index("metric")
         if bb["backbone_mean"].notna().any():
-            lines.append("| *layer-wise backbone* | | — | — | — | " + " | ".join(
+            where = f"{machine(first['backbone_environments'])} | " if mixed else ""
+            lines.append("| *layer-wise backbone* | | " + where
+                         + "— | — | — | " + " | ".join(
                 _mean_std(bb.loc[m, "backbone_mean"], bb.loc[m, "backbone_std"], int(bb.loc[m, "backbone_n"])
                           ).rsplit(" (n=", 1)[0]
                 if m in bb.index and math.isfinite(bb.loc[m, "backbone_mean"]) else "—" for m in metrics)
@@ -158,10 +199,13 @@ def plot_frontier(front: pd.DataFrame, path: str | Path | None = None):
             sub = front[front["metric"] == f"{kind}:{ds}"]
             for fam, f in sub.groupby("family", sort=False):
                 name = f"{f.iloc[0]['label'].split(' [')[0]} ({f.iloc[0]['hessian']})"
+                letter = machine_letters(front[front["family"] == fam])  # {} unless the family mixes machines
                 ax.errorbar(f["hessian_s"], f["mean"], xerr=f["hessian_s_std"], yerr=f["std"], marker="o",
                             capsize=3, label=name)
                 for _, r in f.iterrows():
-                    ax.annotate(("≥ " if r.get("lower_bound") else "") + r["refresh"], (r["hessian_s"], r["mean"]),
+                    where = f" ({_machines(r['environments'], letter)})" if letter else ""
+                    ax.annotate(("≥ " if r.get("lower_bound") else "") + r["refresh"] + where,
+                                (r["hessian_s"], r["mean"]),
                                 textcoords="offset points",
                                 xytext=(4, 4), fontsize=7)
             bb = sub.dropna(subset=["backbone_mean"])

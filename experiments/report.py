@@ -30,6 +30,7 @@ import pandas as pd
 
 from oac import hessian
 from oac.jobdir import RESULT_FILE
+from oac.jobdir.identity import identity_config
 from experiments.seeds import (band_markdown, missing_markdown, paired, paired_markdown, quality_markdown,
                                seed_summary, summary_markdown)
 from experiments.frontier import frontier, frontier_markdown, plot_frontier
@@ -79,6 +80,13 @@ def _short(key: str) -> str:
     return key
 
 
+def _moot(key: str, flat: dict[str, str]) -> bool:
+    """``refresh_every`` of a source whose ``refresh`` is not ``every`` (per_block, once) changes nothing."""
+    if not key.endswith("refresh_every"):
+        return False
+    return flat.get(key.removesuffix("_every")) != json.dumps("every")
+
+
 def _varying_settings(results: dict[str, dict], groups: pd.DataFrame) -> dict[str, str]:
     """Extra label text for configurations that share (table, model, label): the settings that differ."""
     def flat(d, prefix=""):
@@ -94,12 +102,14 @@ def _varying_settings(results: dict[str, dict], groups: pd.DataFrame) -> dict[st
     for _, sub in groups.groupby(["table", "model", "label"]):
         if len(sub) < 2:
             continue
-        flats = {g: flat(results[g]) for g in sub["group"]}
+        # what identifies a job (locations, threads, ... never enter a label), up to its replicates
+        flats = {g: flat(identity_config(results[g])) for g in sub["group"]}
         keys = sorted({k for f in flats.values() for k in f})
-        skip = ("paths.", "calib.seed", "checkpoint", "skip_complete", "threads", "logger.")
+        skip = ("paths.", "calib.seed", "jitter_seed")
         diff = [k for k in keys if not k.startswith(skip) and len({f.get(k) for f in flats.values()}) > 1]
         for g, f in flats.items():
-            extra[g] = ", ".join(f"{_short(k)}={json.loads(f.get(k, 'null'))}" for k in diff)
+            extra[g] = ", ".join(f"{_short(k)}={json.loads(f.get(k, 'null'))}" for k in diff
+                                 if not _moot(k, f))
     return extra
 
 
@@ -271,11 +281,15 @@ def experiments_of(table: str) -> list[str]:
 
 
 def markdown(table: str, long: pd.DataFrame, runs: pd.DataFrame, pairs: pd.DataFrame | None = None,
-             summary: pd.DataFrame | None = None, front: pd.DataFrame | None = None) -> str:
+             summary: pd.DataFrame | None = None, front: pd.DataFrame | None = None, name: str | None = None,
+             source: str | Path | None = None) -> str:
     cmds = [f"`python -m experiments.run -m experiment={e}`" for e in experiments_of(table)]
-    lines = [f"# {table}", ""]
+    lines = [f"# {name or table}" + (f" (jobs of `{table}`)" if name and name != table else ""), ""]
     if cmds:
         lines += [f"Produced by {' and '.join(cmds)} then `python -m experiments.report`.", ""]
+    if name and name != table:
+        lines += [f"The jobs of `{table}` under `{source}` (e.g. the same sweep on another machine), beside the "
+                  f"table itself (`{table}.md`): `python -m experiments.report --outputs {source} --name {name}`.", ""]
     reused = runs[runs["reused_from"].notna()] if "reused_from" in runs else runs.iloc[:0]
     if len(reused):
         lines += [f"{len(reused)} of {len(runs)} jobs are copies of the same configuration complete under another tag "
@@ -304,7 +318,7 @@ def markdown(table: str, long: pd.DataFrame, runs: pd.DataFrame, pairs: pd.DataF
     lines += paired_markdown(pairs if pairs is not None else pd.DataFrame())
     lines += band_markdown(summary if summary is not None else pd.DataFrame())
     if front is not None and not front.empty:
-        lines += frontier_markdown(front) + [f"Plot: `{table}_frontier.png` (quality against Hessian-phase time, "
+        lines += frontier_markdown(front) + [f"Plot: `{name or table}_frontier.png` (quality against Hessian-phase time, "
                                              "error bars = std over seeds; experiments/frontier.py).", ""]
     lines += summary_markdown(summary if summary is not None else pd.DataFrame(), runs)
     refs = _pivot(long, _ref_cell)
@@ -322,8 +336,10 @@ def markdown(table: str, long: pd.DataFrame, runs: pd.DataFrame, pairs: pd.DataF
 
 
 def report(outputs: str | Path = "outputs", results: str | Path = "results", *,
-           include_untagged: bool = False) -> dict[str, Path]:
-    """Write the tables; jobs without a ``tag`` (not from an experiment sweep) only with ``include_untagged``."""
+           include_untagged: bool = False, name: str | None = None) -> dict[str, Path]:
+    """Write the tables; jobs without a ``tag`` (not from an experiment sweep) only with ``include_untagged``.
+    ``name``: write the one table under ``outputs`` as ``<results>/<name>.*`` instead of ``<tag>.*`` (the same
+    sweep measured on another machine, e.g. ``results/raw/oac_frontier_cpu_xeon``)."""
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
     found = [(d, r) for d, r in find_results(outputs) if include_untagged or r.get("tag")]
@@ -336,27 +352,31 @@ def report(outputs: str | Path = "outputs", results: str | Path = "results", *,
         if r.get("config"):
             configs[group_key(r["config"])] = r["config"]
     refs = load_refs(results / "paper")
+    if name is not None and runs["table"].nunique() != 1:
+        raise SystemExit(f"--name {name}: {outputs} holds the tables {sorted(set(runs['table']))}; name one")
     written = {}
     for table, sub in runs.groupby("table", sort=True):
+        stem = name or table
         long = join_refs(aggregate(sub, configs), refs)
         labels = dict(zip(long["group"], long["label"])) if not long.empty else {}
         sub = sub.assign(label=[labels.get(g) or _label(r) for g, (_, r) in zip(sub["group"], sub.iterrows())])
         summary, pairs = seed_summary(sub), paired(sub)
         front = frontier(sub, summary, pairs)
-        sub.to_csv(results / f"{table}_runs.csv", index=False)
-        long.to_csv(results / f"{table}.csv", index=False)
-        summary.to_csv(results / f"{table}_seeds.csv", index=False)
+        sub.to_csv(results / f"{stem}_runs.csv", index=False)
+        long.to_csv(results / f"{stem}.csv", index=False)
+        summary.to_csv(results / f"{stem}_seeds.csv", index=False)
         if not pairs.empty:
-            pairs.to_csv(results / f"{table}_paired.csv", index=False)
+            pairs.to_csv(results / f"{stem}_paired.csv", index=False)
         if not front.empty:
-            front.to_csv(results / f"{table}_frontier.csv", index=False)
+            front.to_csv(results / f"{stem}_frontier.csv", index=False)
             import matplotlib.pyplot as plt
 
-            plt.close(plot_frontier(front, results / f"{table}_frontier.png"))
-        (results / f"{table}.md").write_text(markdown(table, long, sub, pairs, summary, front))
-        written[table] = results / f"{table}.md"
-        log.info("%s: %d jobs (%d complete) -> %s", table, len(sub), int((sub["status"] == "complete").sum()),
-                 written[table])
+            plt.close(plot_frontier(front, results / f"{stem}_frontier.png"))
+        (results / f"{stem}.md").write_text(markdown(table, long, sub, pairs, summary, front, name=stem,
+                                                             source=outputs))
+        written[stem] = results / f"{stem}.md"
+        log.info("%s: %d jobs (%d complete) -> %s", stem, len(sub), int((sub["status"] == "complete").sum()),
+                 written[stem])
     return written
 
 
@@ -364,11 +384,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--outputs", default="outputs", help="root searched for result.json (recursively)")
     ap.add_argument("--results", default="results", help="where <table>.csv/.md go (reads <results>/paper/*.csv)")
+    ap.add_argument("--name", default=None, help="write the one table under --outputs as <name>.* (not <tag>.*)")
     ap.add_argument("--include-untagged", action="store_true", help="also jobs without a tag (table 'adhoc')")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     Path(args.results).mkdir(parents=True, exist_ok=True)
-    report(args.outputs, args.results, include_untagged=args.include_untagged)
+    report(args.outputs, args.results, include_untagged=args.include_untagged, name=args.name)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ def plain_config(cfg: DictConfig | dict) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
 
 
-def config_hash(cfg: DictConfig | dict) -> str:
-    """sha256 (16 hex) of the resolved config without :data:`VOLATILE_KEYS`, :data:`VOLATILE_METHOD_OPTIONS` (and
+def identity_config(cfg: DictConfig | dict) -> dict:
+    """The resolved config as it is hashed: without :data:`VOLATILE_KEYS`, :data:`VOLATILE_METHOD_OPTIONS` (and
     :data:`DEFAULT_KEYS` at their default)."""
     d = plain_config(cfg)
     for group in (d.get("method") or {}).values():
@@ -42,7 +42,12 @@ def config_hash(cfg: DictConfig | dict) -> str:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict) and last in node and (key not in DEFAULT_KEYS or node[last] == DEFAULT_KEYS[key]):
             node.pop(last)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return d
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    """sha256 (16 hex) of :func:`identity_config`."""
+    return hashlib.sha256(json.dumps(identity_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def content_hash(cfg: DictConfig | dict) -> str:

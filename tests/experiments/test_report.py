@@ -263,3 +263,35 @@ def test_frontier_gain_kept_cost_and_pairs_against_per_block_oac(tmp_path):
     md = (results / "main.md").read_text()
     assert "Refresh frontier" in md and "Each variant vs OAC with per-block refresh" in md
     assert (results / "main_frontier.png").stat().st_size > 10_000
+    assert "mixes floating-point environments" not in md and "| machine |" not in md
+    # rows computed on different machines are named as such: their times and paired differences are not like
+    # for like (2-bit results move across machines), so the family says so and each row names its machines
+    for name, cpu in (("oac_once", "Zeta CPU"), ("spqr", "Alpha CPU"), ("oac_per_block", "Alpha CPU"),
+                      ("oac_every4", "Alpha CPU")):
+        for s in bb:
+            f = out / f"{name}/{s}" / "result.json"
+            r = json.loads(f.read_text())
+            r["environment"] = {"cpu": cpu, "cpu_capability": "AVX2", "threads": 1}
+            write_json_atomic(f, r)
+    report(out, results)
+    md = (results / "main.md").read_text()
+    assert "mixes floating-point environments" in md and "A = Alpha CPU AVX2 t1; B = Zeta CPU AVX2 t1" in md
+    assert "| per_block | 3 | A |" in md and "| once | 3 | B |" in md and "| *layer-wise backbone* | | A |" in md
+
+
+def test_a_tables_jobs_from_another_root_are_written_under_their_own_name(tmp_path):
+    """``--name``: the same sweep's jobs under another root (another machine) get their own files, never the
+    table's; a root with two tables is refused."""
+    out = tmp_path / "outputs"
+    for s in (0, 1):
+        write_json_atomic(out / f"spqr/{s}" / "result.json", seeded("spqr", s, {"wikitext2": 100.0 + s}))
+    results = tmp_path / "results"
+    written = report(out, results, name="main_xeon")
+    assert set(written) == {"main_xeon"} and not (results / "main.md").exists()
+    md = (results / "main_xeon.md").read_text()
+    assert md.startswith("# main_xeon (jobs of `main`)") and f"--outputs {out} --name main_xeon" in md
+    other = seeded("spqr", 0, {"wikitext2": 100.0})
+    other["tag"] = other["config"]["tag"] = "other"
+    write_json_atomic(out / "other/0" / "result.json", other)
+    with pytest.raises(SystemExit, match="name one"):
+        report(out, results, name="main_xeon")
