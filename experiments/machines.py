@@ -6,7 +6,8 @@ Jobs are matched by ``config_hash`` (the same resolved configuration, seed and j
 floating-point environment (``environment`` in result.json: CPU, dispatch level, threads) is shown. Per job and
 set: perplexity and KL on both machines and their log-ratio; then, per quality metric, the spread of the
 cross-machine log-ratios (RMS) next to the std of ln(metric) over calibration seeds on the second machine, the
-yardstick the paired verdicts use. A job is compared only when it is complete on both sides.
+yardstick the paired verdicts use. A job is compared only when it is complete on both sides and the two sides'
+environments differ (a job merged into both trees from one machine is not a cross-machine pair).
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def compare(a_root: str | Path, b_root: str | Path) -> tuple[pd.DataFrame, pd.Da
         return pd.DataFrame(), pd.DataFrame()
     metrics = [c for c in a.columns if c.startswith(("ppl:", "kl:")) and c in b.columns]
     both = a.merge(b, on="config_hash", suffixes=("_a", "_b"))
+    same = both["environment_a"] == both["environment_b"]  # the same job on the same machine on both sides (a copy)
+    if same.any():
+        log.info("%d job(s) come from the same environment on both sides: not a cross-machine pair, left out",
+                 int(same.sum()))
+    both = both[~same]
     rows = []
     for _, r in both.iterrows():
         for m in metrics:

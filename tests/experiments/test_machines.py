@@ -35,3 +35,18 @@ def test_cross_machine_log_ratios_and_spread(tmp_path):
     assert r["seed_sd_log"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in logs) / 3))
     md = markdown(per_job, spread, a, b)
     assert "AMD EPYC" in md and "Intel Xeon" in md and "+10.0%" in md
+
+
+def test_a_job_from_the_same_environment_on_both_sides_is_not_a_cross_machine_pair(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root, cpu in ((a, "AMD EPYC"), (b, "Intel Xeon")):
+        r = seeded("spqr", 0, {"wikitext2": 100.0 if root == a else 104.0})
+        r["environment"] = {"cpu": cpu, "cpu_capability": "AVX2", "threads": 1}
+        r["config_hash"] = "moved"
+        write_json_atomic(root / "0" / "result.json", r)
+        copy = seeded("spqr", 1, {"wikitext2": 90.0})  # one machine's job, present in both trees
+        copy["environment"] = {"cpu": "Intel Xeon", "cpu_capability": "AVX2", "threads": 1}
+        copy["config_hash"] = "copied"
+        write_json_atomic(root / "1" / "result.json", copy)
+    per_job, _ = compare(a, b)
+    assert set(per_job["config_hash"]) == {"moved"}
