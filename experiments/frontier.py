@@ -11,7 +11,9 @@ and once. Per configuration of a family with at least two schedules:
 * quality: perplexity and KL per set (mean ± std over seeds), and *gain kept*: over the calibration seeds complete
   for the configuration, the family's per_block point and the layer-wise backbone, the mean of ln(config /
   backbone) divided by the mean of ln(per_block / backbone) (1 = all of per-block's gain, 0 = none, negative =
-  worse than the backbone; jitter replicates are left out, they exist for some configurations only).
+  worse than the backbone; jitter replicates are left out, they exist for some configurations only). Defined only
+  where per_block's gain is decided by the paired test (``per_block_gain_decided``): a share of a gain within the
+  noise is noise divided by noise (on one machine per_block ties the backbone on WikiText2 and "kept" read −2 … 5).
 
 :func:`plot_frontier` draws quality against Hessian-phase time with error bars (the notebook and the report).
 A family whose rows (or backbone) were computed in more than one floating-point environment (another CPU, dispatch
@@ -62,17 +64,22 @@ def frontier(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame) -> 
         def stat(g, m, k="mean"):
             return stats.loc[(g, m), k] if (g, m) in stats.index else float("nan")
 
-        def kept(g, m) -> float:
-            """mean over the seeds complete for g, per_block and the backbone of ln(g/bb), over the same for pb."""
+        def kept(g, m) -> tuple[float, bool]:
+            """(mean over the seeds complete for g, per_block and the backbone of ln(g/bb), over the same for pb;
+            whether per_block's gain is decided). A share of a gain that the paired test does not find
+            (ln(pb/bb) not below 0 by 2 standard errors, or < 2 seeds) is not defined: NaN, False."""
             if bb is None or pb is None or m not in seeds:
-                return np.nan
+                return np.nan, True
             piv = seeds.assign(v=pd.to_numeric(seeds[m], errors="coerce")).pivot_table(
                 index="calib_seed", columns="group", values="v", aggfunc="first")
             if not {g, pb, bb} <= set(piv.columns):
-                return np.nan
+                return np.nan, True
             piv = np.log(piv[list(dict.fromkeys([g, pb, bb]))].dropna())
-            gain_pb = (piv[pb] - piv[bb]).mean()
-            return float((piv[g] - piv[bb]).mean() / gain_pb) if len(piv) and gain_pb != 0 else np.nan
+            d_pb = piv[pb] - piv[bb]
+            decided = len(d_pb) >= 2 and d_pb.mean() + 2 * d_pb.std(ddof=1) / math.sqrt(len(d_pb)) < 0
+            if not decided:
+                return np.nan, False
+            return float((piv[g] - piv[bb]).mean() / d_pb.mean()), True
 
         bb_stats = summary[summary["group"] == bb].set_index("metric") if bb else pd.DataFrame()
         for _, g in groups.sort_values("refresh", key=lambda c: c.map(_refresh_rank)).iterrows():
@@ -92,7 +99,7 @@ def frontier(runs: pd.DataFrame, summary: pd.DataFrame, pairs: pd.DataFrame) -> 
                 has_bb = m in bb_stats.index
                 out.append({**base, "metric": m, "mean": stat(g["group"], m), "std": stat(g["group"], m, "std"),
                             "n_metric": int(stat(g["group"], m, "n")) if (g["group"], m) in stats.index else 0,
-                            "gain_kept": kept(g["group"], m),
+                            **dict(zip(("gain_kept", "per_block_gain_decided"), kept(g["group"], m))),
                             "backbone_mean": bb_stats.loc[m, "mean"] if has_bb else np.nan,
                             "backbone_std": bb_stats.loc[m, "std"] if has_bb else np.nan,
                             "backbone_n": int(bb_stats.loc[m, "n"]) if has_bb else 0})
@@ -119,6 +126,11 @@ def _machines(envs, letter: dict[str, str]) -> str:
     return ",".join(letter[e] for e in str(envs).split("; ") if e in letter)
 
 
+def _true(v) -> bool:
+    """A flag read back from a CSV or a frame (bool, "True"/"False", NaN = not recorded = True)."""
+    return v if isinstance(v, (bool, np.bool_)) else str(v) != "False"
+
+
 def _f(v, fmt="{:.2f}") -> str:
     return "—" if v is None or not math.isfinite(v) else fmt.format(v)
 
@@ -136,7 +148,9 @@ def frontier_markdown(front: pd.DataFrame) -> list[str]:
              "cost = Hessian-phase time relative to the "
              "family's per_block point. *kept*: the "
              "share of per_block's mean paired log-gain over the layer-wise backbone that this schedule keeps (1 = "
-             "all, 0 = none, < 0 = worse than the backbone); verdicts vs the backbone are in the paired section.", ""]
+             "all, 0 = none, < 0 = worse than the backbone); n/d: not defined, per_block's own gain over the "
+             "backbone is not decided by the paired test (2 standard errors, ≥ 2 seeds), so there is no gain to keep; "
+             "verdicts vs the backbone are in the paired section.", ""]
     for fam, sub in front.groupby("family", sort=False):
         first = sub.iloc[0]
         letter = machine_letters(sub)
@@ -162,7 +176,8 @@ def frontier_markdown(front: pd.DataFrame) -> list[str]:
             r = rows.iloc[0]
             q = [_mean_std(by.loc[m, "mean"], by.loc[m, "std"], int(by.loc[m, "n_metric"])).rsplit(" (n=", 1)[0]
                  if m in by.index else "—" for m in metrics]
-            kept = [_f(by.loc[m, "gain_kept"]) if m in by.index else "—" for m in metrics]
+            kept = ["n/d" if m in by.index and not _true(by.loc[m, "per_block_gain_decided"])
+                    else _f(by.loc[m, "gain_kept"]) if m in by.index else "—" for m in metrics]
             ge = "≥ " if r["lower_bound"] else ""
             lines.append(f"| {r['refresh']} | {r['n']} | " + (f"{machine(r['environments'])} | " if mixed else "")
                          + f"{ge}{_f(r['hessian_s'], '{:.0f}')}"
@@ -214,8 +229,11 @@ def plot_frontier(front: pd.DataFrame, path: str | Path | None = None):
                 ax.axhline(m, ls="--", color="grey", label="layer-wise backbone")
                 if math.isfinite(s):
                     ax.axhspan(m - s, m + s, color="grey", alpha=0.15)
-            ax.set_xscale("log")
-            ax.set_xlabel("Hessian phase (s, log)")
+            x = pd.to_numeric(sub["hessian_s"], errors="coerce")
+            log_x = bool((x > 0).any()) and not bool((x <= 0).any())  # a zero or missing time: linear axis
+            if log_x:
+                ax.set_xscale("log")
+            ax.set_xlabel("Hessian phase (s, log)" if log_x else "Hessian phase (s)")
             ax.set_ylabel(f"{metric_name(f'{kind}:{ds}')} (mean ± std over seeds)")
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:

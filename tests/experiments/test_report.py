@@ -1,6 +1,7 @@
 """Report: aggregation over seeds, joins with the reference CSVs, paper-style Markdown; reference CSVs."""
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -295,3 +296,26 @@ def test_a_tables_jobs_from_another_root_are_written_under_their_own_name(tmp_pa
     write_json_atomic(out / "other/0" / "result.json", other)
     with pytest.raises(SystemExit, match="name one"):
         report(out, results, name="main_xeon")
+
+
+def test_gain_kept_is_not_defined_where_per_block_does_not_beat_the_backbone(tmp_path):
+    """per_block ties the backbone (paired log-differences +5 %, −5 %, +1 %): a share of that "gain" would be noise
+    over noise, so *kept* is n/d; the other metric, where per_block's gain is decided, keeps its share."""
+    out = tmp_path / "outputs"
+    bb = {0: 100.0, 1: 120.0, 2: 90.0}
+    tie = {0: 1.05, 1: 0.95, 2: 1.01}
+    for s, p in bb.items():
+        base = seeded("spqr", s, {"wikitext2": p, "c4-new": p})
+        write_json_atomic(out / f"spqr/{s}" / "result.json", base)
+        for name, wt2, c4 in (("per_block", p * tie[s], p * 0.8 * (1 + 0.001 * s)), ("once", p, p * 0.9)):
+            r = seeded("oac_spqr", s, {"wikitext2": wt2, "c4-new": c4}, backbone="spqr")
+            r["config"]["method"]["oac"] = {"refresh": name}
+            r["hessian"] = {"refresh": name, "stats": {"block_passes": 10}}
+            write_json_atomic(out / f"oac_{name}/{s}" / "result.json", r)
+    report(out, tmp_path / "results")
+    front = pd.read_csv(tmp_path / "results" / "main_frontier.csv").set_index(["refresh", "metric"])
+    assert not front.loc[("once", "ppl:wikitext2"), "per_block_gain_decided"]
+    assert math.isnan(front.loc[("once", "ppl:wikitext2"), "gain_kept"])
+    assert front.loc[("once", "ppl:c4-new"), "gain_kept"] == pytest.approx(math.log(0.9) / math.log(0.8), rel=1e-2)
+    md = (tmp_path / "results" / "main.md").read_text()
+    assert "| once | 3 |" in md and "n/d" in md.split("| once | 3 |")[1].splitlines()[0]
