@@ -339,7 +339,7 @@ def report(outputs: str | Path = "outputs", results: str | Path = "results", *,
            include_untagged: bool = False, name: str | None = None) -> dict[str, Path]:
     """Write the tables; jobs without a ``tag`` (not from an experiment sweep) only with ``include_untagged``.
     ``name``: write the one table under ``outputs`` as ``<results>/<name>.*`` instead of ``<tag>.*`` (the same
-    sweep measured on another machine, e.g. ``results/raw/oac_frontier_cpu_xeon``)."""
+    sweep measured on another machine, e.g. ``results/raw/oac_frontier_cpu_amd``)."""
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
     found = [(d, r) for d, r in find_results(outputs) if include_untagged or r.get("tag")]
